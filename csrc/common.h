@@ -1,0 +1,110 @@
+// Shared by every op: argument checks that name the argument, the dtype dispatch, and the choice of the
+// CPU kernel built for the best instruction set the running CPU supports.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <cctype>
+#include <cstdlib>
+#include <string>
+
+namespace vlfuse {
+
+// TORCH_CHECK with the op's name first, so every message reads "vlfuse.<op>: <argument> ...".
+#define VLFUSE_CHECK(cond, op, ...) TORCH_CHECK((cond), "vlfuse.", op, ": ", __VA_ARGS__)
+#define VLFUSE_CHECK_VALUE(cond, op, ...) TORCH_CHECK_VALUE((cond), "vlfuse.", op, ": ", __VA_ARGS__)
+#define VLFUSE_CHECK_TYPE(cond, op, ...) TORCH_CHECK_TYPE((cond), "vlfuse.", op, ": ", __VA_ARGS__)
+
+// fp32, fp64 (for gradcheck), fp16 and bf16; one kernel template serves them all.
+#define VLFUSE_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
+  VLFUSE_CHECK_TYPE(is_supported_float(t.scalar_type()), op, name,
+                    " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* shape) {
+  VLFUSE_CHECK_VALUE(t.dim() == dim, op, name, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
+                              const char* op) {
+  VLFUSE_CHECK(a.device() == b.device(), op, a_name, " is on ", a.device(), " but ", b_name, " is on ",
+               b.device(), "; all tensors must be on the same device");
+}
+
+// Which copy of the CPU kernels runs: the best one this CPU supports, capped by ATEN_CPU_CAPABILITY
+// (default / avx2 / avx512) so that one variable steers vlfuse exactly as it steers PyTorch.
+enum class CpuIsa { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
+
+inline CpuIsa detect_cpu_isa() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  CpuIsa best = CpuIsa::DEFAULT;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    best = CpuIsa::AVX2;
+  }
+  if (best == CpuIsa::AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    best = CpuIsa::AVX512;
+  }
+  if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
+    std::string cap(env);
+    for (auto& ch : cap) {
+      ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    }
+    if (cap == "default") {
+      best = CpuIsa::DEFAULT;
+    } else if (cap == "avx2" && best == CpuIsa::AVX512) {
+      best = CpuIsa::AVX2;
+    }
+  }
+  return best;
+#else
+  return CpuIsa::DEFAULT;
+#endif
+}
+
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = detect_cpu_isa();
+  return isa;
+}
+
+inline const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::AVX512:
+      return "AVX512";
+    case CpuIsa::AVX2:
+      return "AVX2";
+    default:
+      return "DEFAULT";
+  }
+}
+
+}  // namespace vlfuse
+
+// Declares a CPU kernel that each *_cpu.cpp defines inside `namespace vlfuse::VLFUSE_ISA_NS`, once per ISA.
+#if defined(__x86_64__) || defined(_M_X64)
+#define VLFUSE_DECLARE_CPU_KERNEL(NAME, PARAMS)   \
+  namespace vlfuse {                              \
+  namespace cpu_DEFAULT { void NAME(PARAMS); }    \
+  namespace cpu_AVX2 { void NAME(PARAMS); }       \
+  namespace cpu_AVX512 { void NAME(PARAMS); }     \
+  }
+#define VLFUSE_CPU_KERNEL(NAME)                                               \
+  (::vlfuse::cpu_isa() == ::vlfuse::CpuIsa::AVX512 ? &::vlfuse::cpu_AVX512::NAME \
+   : ::vlfuse::cpu_isa() == ::vlfuse::CpuIsa::AVX2 ? &::vlfuse::cpu_AVX2::NAME   \
+                                                   : &::vlfuse::cpu_DEFAULT::NAME)
+#else
+#define VLFUSE_DECLARE_CPU_KERNEL(NAME, PARAMS) \
+  namespace vlfuse {                            \
+  namespace cpu_DEFAULT { void NAME(PARAMS); }  \
+  }
+#define VLFUSE_CPU_KERNEL(NAME) (&::vlfuse::cpu_DEFAULT::NAME)
+#endif

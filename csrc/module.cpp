@@ -1,0 +1,36 @@
+// The Python extension module vlfuse._C. Importing it loads this library, whose static initializers register
+// the operators (csrc/ops.cpp and the per-op implementation files); the module itself only reports how it
+// was built.
+#include <pybind11/pybind11.h>
+
+#include "common.h"
+
+#ifndef VLFUSE_CUDA_ARCHS
+#define VLFUSE_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+static py::dict build_info() {
+  py::dict info;
+  info["version"] = VLFUSE_VERSION;
+#ifdef VLFUSE_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(VLFUSE_CUDA_ARCHS);
+  info["cpu_isas_built"] = std::string(VLFUSE_ISAS);
+  info["cpu_isa"] = std::string(vlfuse::cpu_isa_name());
+#if defined(__clang__)
+  info["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = std::string("gcc ") + __VERSION__;
+#endif
+  return info;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vlfuse native kernels (operators are registered under torch.ops.vlfuse)";
+  m.def("build_info", &build_info, "How the native library was built and which CPU kernels it runs");
+}

@@ -1,0 +1,30 @@
+// Every schema of the vlfuse operator library, in one place. Each op's implementations register themselves
+// from csrc/<op>/<op>.cpp (CPU, and CUDA when built); the fake (meta) kernels and autograd live in
+// python/vlfuse/ops/<op>.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(vlfuse, m) {
+  // ---- rotary embedding (csrc/rope) --------------------------------------------------------------------
+  // Splits the packed qkv projection [S, 3*H*D], rotates q and k by angles sum_a pos[s, a] * freqs[a, i],
+  // writes q, k, v as [S, H, D] ("shd") or [H, S, D] ("hsd").
+  m.def("rope_qkv(Tensor qkv, Tensor positions, Tensor freqs, int num_heads, str out_layout) -> (Tensor, Tensor, Tensor)");
+  // Gradient of rope_qkv with respect to qkv: the inverse rotation of grad_q and grad_k, packed with grad_v.
+  m.def("rope_qkv_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor positions, Tensor freqs, str out_layout) -> Tensor");
+  // q [S, Hq, D], k [S, Hk, D]; inverse=True rotates by the negated angle (the backward).
+  m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor freqs, bool inverse=False) -> (Tensor, Tensor)");
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor freqs, bool inverse=False) -> ()");
+  // HF's apply_rotary_pos_emb_vision: cos, sin [S, D]; inverse=True applies the transposed rotation (the backward).
+  m.def("rope_cos_sin(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse=False) -> (Tensor, Tensor)");
+
+  // ---- temporal patchify (csrc/patchify) ----------------------------------------------------------------
+  // frames: one [T, C, H, W] tensor per item; returns patches [N, C*Tp*P*P] in out_dtype, in merge order.
+  m.def("patchify(Tensor[] frames, int patch_size, int temporal_patch_size, int merge_size, float[] mean, float[] std, ScalarType out_dtype) -> Tensor");
+  // patches [N, C*Tp*P*P] @ weight[E, C, Tp, P, P]^T (+ bias) -> [N, E] in weight's dtype.
+  m.def("patch_embed(Tensor patches, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("patch_embed_backward(Tensor grad_out, Tensor patches, Tensor weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- 2x2 token merge (csrc/merge) ---------------------------------------------------------------------
+  // x [S, C] -> normalized and gathered [S / m^2, m^2 * C], plus per-token mean and rstd [S] (float32) for backward.
+  m.def("merge2x2(Tensor x, Tensor grid_thw, Tensor weight, Tensor? bias, float eps, str norm, str order, int merge_size) -> (Tensor, Tensor, Tensor)");
+  m.def("merge2x2_backward(Tensor grad_out, Tensor x, Tensor grid_thw, Tensor weight, Tensor mean, Tensor rstd, str norm, str order, int merge_size, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,48 @@
+"""vlfuse: fused kernels for the vision path of Qwen2-VL-style models, and a model package built on them.
+
+Importing vlfuse loads the native library (``vlfuse._C``), which registers the operators under
+``torch.ops.vlfuse``; the public functions live in :mod:`vlfuse.ops`.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from ._native import NATIVE_ERROR, native
+
+__version__ = "0.1.0"
+
+from . import ops  # noqa: E402  (ops register their fake kernels and autograd against the loaded library)
+
+
+def build_info() -> dict:
+    """How vlfuse was built and what it runs on: versions, CUDA kernels and archs, the CPU vector ISA in use."""
+    info = {
+        "vlfuse": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "native_loaded": native is not None,
+    }
+    if native is None:
+        info["native_error"] = NATIVE_ERROR
+        return info
+    built = native.build_info()
+    info.update(
+        {
+            "cuda_kernels": bool(built["cuda"]),
+            "cuda_archs": [a for a in built["cuda_archs"].split(",") if a],
+            "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "cpu_isa": built["cpu_isa"],
+            "cpu_isas_built": built["cpu_isas_built"].split(","),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "compiler": built.get("compiler"),
+        }
+    )
+    return info
+
+
+__all__ = ["build_info", "ops", "__version__"]

@@ -1,0 +1,6 @@
+"""Public vlfuse operators. Each submodule holds one op family: the typed function users call (shapes
+documented on it), its fake kernel for torch.compile, and its autograd registration."""
+
+from .rope import rope, rope_, rope_cos_sin, rope_qkv, vision_positions, vision_rope_freqs
+
+__all__ = ["rope_qkv", "rope", "rope_", "rope_cos_sin", "vision_rope_freqs", "vision_positions"]

@@ -1,0 +1,284 @@
+"""Rotary embedding ops: the fused qkv split + RoPE-2D of Qwen2-VL's vision attention, the general
+multi-axis rotary (1-D, 2-D and the LLM's 3-axis multimodal RoPE), and a drop-in for HF's cos/sin form.
+
+Pairing is rotate-half: element i pairs with i + D/2. The angle of pair i for a token with integer positions
+pos[0..A) is sum_a pos[a] * freqs[a, i], in float32; the rotation is computed in float32 and cast back.
+Argument checks live in the C++ op (csrc/rope/rope.cpp); the fake kernels below only compute output shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._native import require_native
+
+__all__ = ["rope_qkv", "rope", "rope_", "rope_cos_sin", "vision_rope_freqs", "vision_positions"]
+
+_LAYOUTS = ("shd", "hsd")
+
+
+def rope_qkv(
+    qkv: Tensor, positions: Tensor, freqs: Tensor, num_heads: int, out_layout: str = "shd"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Splits the qkv projection and rotates q and k in one pass.
+
+    qkv:       [S, 3 * num_heads * D]  (q, k, v blocks in that order, each [num_heads, D]); any row stride
+    positions: [S, A] int64/int32      (A = 2 for the vision tower: h, w)
+    freqs:     [A, D / 2] float32      (see vision_rope_freqs)
+    returns q, k, v: [S, H, D] for out_layout="shd", [H, S, D] for "hsd" (what SDPA takes); contiguous.
+    Differentiable w.r.t. qkv, and w.r.t. freqs when it requires grad.
+    """
+    require_native()
+    return torch.ops.vlfuse.rope_qkv(qkv, positions, freqs, num_heads, out_layout)
+
+
+def rope(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotates q [S, Hq, D] and k [S, Hk, D] (Hq may differ from Hk; unit stride on D, other strides free).
+
+    positions: [S, A] integer, A in 1..4; freqs: [A, D / 2] float32. Returns new contiguous tensors.
+    """
+    require_native()
+    return torch.ops.vlfuse.rope(q, k, positions, freqs)
+
+
+class _RopeInplace(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor):
+        torch.ops.vlfuse.rope_(q, k, positions, freqs)
+        ctx.mark_dirty(q, k)
+        ctx.shapes = (q.shape, k.shape)
+        ctx.save_for_backward(positions, freqs)
+        return q, k
+
+    @staticmethod
+    def backward(ctx, grad_q: Tensor, grad_k: Tensor):
+        positions, freqs = ctx.saved_tensors
+        gq, gk = torch.ops.vlfuse.rope(*_zeros_if_none(grad_q, grad_k, ctx.shapes), positions, freqs, True)
+        return gq, gk, None, None
+
+
+def rope_(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
+    """In-place rope: rotates q [S, Hq, D] and k [S, Hk, D] where they are (unit stride on D, no overlapping
+    memory). Returns (q, k). Differentiable w.r.t. q and k (not freqs) when they are non-leaf tensors."""
+    require_native()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        return _RopeInplace.apply(q, k, positions, freqs)
+    torch.ops.vlfuse.rope_(q, k, positions, freqs)
+    return q, k
+
+
+def rope_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """Exactly HF transformers' ``apply_rotary_pos_emb_vision(q, k, cos, sin)``, fused.
+
+    q: [S, Hq, D], k: [S, Hk, D]; cos, sin: [S, D] (any float dtype; used in float32).
+    out = x * cos + rotate_half(x) * sin, computed in float32, returned in q's dtype.
+    """
+    require_native()
+    return torch.ops.vlfuse.rope_cos_sin(q, k, cos, sin)
+
+
+def vision_rope_freqs(head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> Tensor:
+    """[2, head_dim / 2] float32 frequency matrix of Qwen2-VL's vision RoPE-2D.
+
+    With Q = head_dim / 4 and inv_freq[j] = 1 / theta ** (2j / (head_dim / 2)) (HF's float32 rounding): pairs [0, Q) turn with the h
+    position, pairs [Q, 2Q) with w; the remaining pairs (head_dim / 2 - 2Q of them) do not turn.
+    """
+    if head_dim <= 0 or head_dim % 2:
+        raise ValueError(f"vlfuse.vision_rope_freqs: head_dim must be a positive even number, got {head_dim}")
+    half = head_dim // 2
+    quarter = head_dim // 4
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float32, device=device) / half))
+    freqs = torch.zeros(2, half, dtype=torch.float32, device=device)
+    freqs[0, :quarter] = inv_freq[:quarter]
+    freqs[1, quarter : 2 * quarter] = inv_freq[:quarter]
+    return freqs
+
+
+def vision_positions(grid_thw: Tensor, merge_size: int = 2) -> Tensor:
+    """[S, 2] int64 (h, w) patch positions for grid_thw [items, 3] (t, h, w in patches), in Qwen2-VL order:
+    per item, t frames, each over h-blocks, w-blocks, then the merge_size x merge_size window row-major.
+    Built on grid_thw's device with no per-item Python loop (one host read of the total token count)."""
+    if grid_thw.dim() != 2 or grid_thw.shape[-1] != 3:
+        raise ValueError(f"vlfuse.vision_positions: grid_thw must be [items, 3], got shape {tuple(grid_thw.shape)}")
+    if merge_size < 1:
+        raise ValueError(f"vlfuse.vision_positions: merge_size must be >= 1, got {merge_size}")
+    g = grid_thw.to(torch.int64)
+    t, h, w = g.unbind(-1)
+    if bool(((h % merge_size) != 0).any() | ((w % merge_size) != 0).any() | (g < 0).any()):
+        raise ValueError(
+            f"vlfuse.vision_positions: grid_thw h and w must be non-negative multiples of merge_size={merge_size}, "
+            f"got {grid_thw.tolist()}"
+        )
+    per_frame = h * w
+    counts = t * per_frame
+    total = int(counts.sum())
+    device = g.device
+    item = torch.repeat_interleave(torch.arange(g.shape[0], device=device), counts, output_size=total)
+    starts = torch.cumsum(counts, 0) - counts
+    idx = torch.arange(total, device=device) - starts[item]
+    idx = idx % per_frame[item]  # every frame repeats the same positions
+    m = merge_size
+    wb_count = w[item] // m
+    window = idx % (m * m)
+    block = idx // (m * m)
+    hpos = (block // wb_count) * m + window // m
+    wpos = (block % wb_count) * m + window % m
+    return torch.stack([hpos, wpos], dim=-1)
+
+
+# ---- fake (meta) kernels: shapes only ------------------------------------------------------------------------
+
+
+@torch.library.register_fake("vlfuse::rope_qkv")
+def _(qkv, positions, freqs, num_heads, out_layout):
+    S = qkv.shape[0]
+    D = qkv.shape[1] // (3 * num_heads)
+    shape = (num_heads, S, D) if out_layout == "hsd" else (S, num_heads, D)
+    return tuple(qkv.new_empty(shape) for _ in range(3))
+
+
+@torch.library.register_fake("vlfuse::rope_qkv_backward")
+def _(grad_q, grad_k, grad_v, positions, freqs, out_layout):
+    if out_layout == "hsd":
+        H, S, D = grad_q.shape
+    else:
+        S, H, D = grad_q.shape
+    return grad_q.new_empty((S, 3 * H * D))
+
+
+@torch.library.register_fake("vlfuse::rope")
+def _(q, k, positions, freqs, inverse=False):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.register_fake("vlfuse::rope_")
+def _(q, k, positions, freqs, inverse=False):
+    return None
+
+
+@torch.library.register_fake("vlfuse::rope_cos_sin")
+def _(q, k, cos, sin, inverse=False):
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+# ---- autograd --------------------------------------------------------------------------------------------------
+
+
+def _angle_grad(outs, grads, half: int) -> Tensor:
+    """dL/dangle [S, D/2] from rotated outputs o and their gradients g: sum over heads of g_hi o_lo - g_lo o_hi."""
+    total = None
+    for o, g in zip(outs, grads):
+        if g is None:
+            continue
+        acc = torch.float64 if o.dtype == torch.float64 else torch.float32
+        o, g = o.to(acc), g.to(acc)
+        term = (g[..., half:] * o[..., :half] - g[..., :half] * o[..., half:]).sum(dim=1)
+        total = term if total is None else total + term
+    return total
+
+
+def _freqs_grad(positions: Tensor, dangle: Tensor | None, freqs: Tensor) -> Tensor | None:
+    if dangle is None:
+        return None
+    return (positions.to(dangle.dtype).transpose(0, 1) @ dangle).to(freqs.dtype)
+
+
+def _rope_qkv_setup(ctx, inputs, output):
+    qkv, positions, freqs, num_heads, out_layout = inputs
+    ctx.out_layout = out_layout
+    ctx.freqs_grad = freqs.requires_grad
+    saved = [positions, freqs]
+    if ctx.freqs_grad:
+        saved += [output[0], output[1]]
+    ctx.save_for_backward(*saved)
+
+
+def _rope_qkv_backward(ctx, grad_q, grad_k, grad_v):
+    positions, freqs, *outs = ctx.saved_tensors
+    ref = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+    grads = [torch.zeros_like(ref) if g is None else g for g in (grad_q, grad_k, grad_v)]
+    grad_qkv = torch.ops.vlfuse.rope_qkv_backward(*grads, positions, freqs, ctx.out_layout)
+    grad_freqs = None
+    if ctx.freqs_grad:
+        if ctx.out_layout == "hsd":
+            outs = [o.transpose(0, 1) for o in outs]
+            gqk = [None if g is None else g.transpose(0, 1) for g in (grad_q, grad_k)]
+        else:
+            gqk = [grad_q, grad_k]
+        dangle = _angle_grad(outs, gqk, freqs.shape[-1])
+        grad_freqs = _freqs_grad(positions, dangle, freqs)
+    return grad_qkv, None, grad_freqs, None, None
+
+
+torch.library.register_autograd("vlfuse::rope_qkv", _rope_qkv_backward, setup_context=_rope_qkv_setup)
+
+
+def _rope_setup(ctx, inputs, output):
+    q, k, positions, freqs, inverse = inputs
+    ctx.inverse = inverse
+    ctx.shapes = (q.shape, k.shape)
+    ctx.freqs_grad = freqs.requires_grad
+    saved = [positions, freqs]
+    if ctx.freqs_grad:
+        saved += list(output)
+    ctx.save_for_backward(*saved)
+
+
+def _zeros_if_none(grad_q, grad_k, shapes):
+    like = grad_q if grad_q is not None else grad_k
+    gq = like.new_zeros(shapes[0]) if grad_q is None else grad_q
+    gk = like.new_zeros(shapes[1]) if grad_k is None else grad_k
+    return gq, gk
+
+
+def _rope_backward(ctx, grad_q, grad_k):
+    positions, freqs, *outs = ctx.saved_tensors
+    gq, gk = torch.ops.vlfuse.rope(*_zeros_if_none(grad_q, grad_k, ctx.shapes), positions, freqs, not ctx.inverse)
+    grad_freqs = None
+    if ctx.freqs_grad:
+        dangle = _angle_grad(outs, [grad_q, grad_k], freqs.shape[-1])
+        # rotating by -angle flips the sign of the derivative
+        grad_freqs = _freqs_grad(positions, -dangle if ctx.inverse else dangle, freqs)
+    return gq, gk, None, grad_freqs, None
+
+
+torch.library.register_autograd("vlfuse::rope", _rope_backward, setup_context=_rope_setup)
+
+
+def _rope_cos_sin_setup(ctx, inputs, output):
+    q, k, cos, sin, inverse = inputs
+    ctx.inverse = inverse
+    ctx.shapes = (q.shape, k.shape)
+    ctx.table_grad = cos.requires_grad or sin.requires_grad
+    ctx.save_for_backward(cos, sin, *((q, k) if ctx.table_grad else ()))
+
+
+def _rope_cos_sin_backward(ctx, grad_q, grad_k):
+    cos, sin, *inputs = ctx.saved_tensors
+    gq, gk = torch.ops.vlfuse.rope_cos_sin(
+        *_zeros_if_none(grad_q, grad_k, ctx.shapes), cos, sin, not ctx.inverse
+    )
+    grad_cos = grad_sin = None
+    if ctx.table_grad:
+        if ctx.inverse:
+            raise NotImplementedError("vlfuse.rope_cos_sin: gradients w.r.t. cos/sin of the transposed rotation")
+        # out = x * cos + rotate_half(x) * sin, so dcos = sum_h g * x and dsin = sum_h g * rotate_half(x).
+        acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
+        grad_cos = torch.zeros(cos.shape, dtype=acc, device=cos.device)
+        grad_sin = torch.zeros(sin.shape, dtype=acc, device=sin.device)
+        for x, g in zip(inputs, (grad_q, grad_k)):
+            if g is None:
+                continue
+            x, g = x.to(acc), g.to(acc)
+            half = x.shape[-1] // 2
+            rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+            grad_cos += (g * x).sum(dim=1)
+            grad_sin += (g * rotated).sum(dim=1)
+        grad_cos, grad_sin = grad_cos.to(cos.dtype), grad_sin.to(sin.dtype)
+    return gq, gk, grad_cos, grad_sin, None
+
+
+torch.library.register_autograd(
+    "vlfuse::rope_cos_sin", _rope_cos_sin_backward, setup_context=_rope_cos_sin_setup
+)

@@ -1,0 +1,102 @@
+"""Plain eager PyTorch references, written from the math in the op documentation.
+
+This module is the oracle: tests and benchmarks compare the fused ops against it, and the model package's
+``backend="eager"`` runs on it. It imports nothing from vlfuse and shares no code with the kernels.
+Every function computes in float32 (float64 for float64 inputs) and casts back, as the kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# ----------------------------------------------------------------------------------------------------------
+# rotary embedding
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def vision_rope_freqs(head_dim: int, theta: float = 10000.0) -> Tensor:
+    """[2, head_dim / 2] float32: pairs [0, Q) turn with the h position, [Q, 2Q) with w, Q = head_dim / 4."""
+    half = head_dim // 2
+    quarter = head_dim // 4
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
+    freqs = torch.zeros(2, half, dtype=torch.float32)
+    freqs[0, :quarter] = inv_freq
+    freqs[1, quarter : 2 * quarter] = inv_freq
+    return freqs
+
+
+def vision_positions(grid_thw: Tensor, merge_size: int = 2) -> Tensor:
+    """[S, 2] int64 (h, w) of every patch, in Qwen2-VL patch order (frames, h-blocks, w-blocks, window)."""
+    rows = []
+    for t, h, w in grid_thw.tolist():
+        hpos = torch.arange(h).unsqueeze(1).expand(h, w)
+        wpos = torch.arange(w).unsqueeze(0).expand(h, w)
+
+        def to_merge_order(p: Tensor) -> Tensor:
+            p = p.reshape(h // merge_size, merge_size, w // merge_size, merge_size)
+            return p.permute(0, 2, 1, 3).flatten()
+
+        hw = torch.stack([to_merge_order(hpos), to_merge_order(wpos)], dim=-1)
+        rows.append(hw.repeat(t, 1))
+    if not rows:
+        return torch.zeros(0, 2, dtype=torch.int64)
+    return torch.cat(rows)
+
+
+def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:
+    """[S, D/2]: angle_i = sum_a pos[a] * freqs[a, i]."""
+    acc = torch.float64 if freqs.dtype == torch.float64 else torch.float32
+    return (positions.to(acc).unsqueeze(-1) * freqs.to(acc)).sum(dim=-2)
+
+
+def rope(x: Tensor, positions: Tensor, freqs: Tensor, inverse: bool = False) -> Tensor:
+    """Rotates x [S, H, D] (rotate-half pairing) by the angles of positions [S, A] and freqs [A, D/2]."""
+    half = x.shape[-1] // 2
+    acc = _acc(x.dtype)
+    angle = rope_angles(positions, freqs).to(acc)
+    if inverse:
+        angle = -angle
+    cos = angle.cos().unsqueeze(1)
+    sin = angle.sin().unsqueeze(1)
+    xf = x.to(acc)
+    lo, hi = xf[..., :half], xf[..., half:]
+    return torch.cat([lo * cos - hi * sin, hi * cos + lo * sin], dim=-1).to(x.dtype)
+
+
+def rope_qkv(qkv: Tensor, positions: Tensor, freqs: Tensor, num_heads: int, out_layout: str = "shd"):
+    """qkv [S, 3*H*D] -> q, k, v [S, H, D] ("shd") or [H, S, D] ("hsd"), q and k rotated."""
+    S = qkv.shape[0]
+    q, k, v = qkv.reshape(S, 3, num_heads, -1).unbind(1)
+    q = rope(q, positions, freqs)
+    k = rope(k, positions, freqs)
+    if out_layout == "hsd":
+        return tuple(t.transpose(0, 1).contiguous() for t in (q, k, v))
+    return q, k, v.contiguous()
+
+
+def rope_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
+    """x * cos + rotate_half(x) * sin for q, k [S, H, D] with cos, sin [S, D], in float32."""
+
+    def apply(x: Tensor) -> Tensor:
+        half = x.shape[-1] // 2
+        acc = _acc(x.dtype)
+        xf = x.to(acc)
+        rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+        return (xf * cos.unsqueeze(1).to(acc) + rotated * sin.unsqueeze(1).to(acc)).to(x.dtype)
+
+    return apply(q), apply(k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# temporal patchify (section owned by csrc/patchify)
+# ----------------------------------------------------------------------------------------------------------
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2x2 token merge (section owned by csrc/merge)
+# ----------------------------------------------------------------------------------------------------------
