@@ -1,10 +1,22 @@
-"""Command line: ``python -m vlfuse <command>``."""
+"""Command line: ``python -m vlfuse <command>`` (also installed as ``vlfuse``).
+
+Each command family lives beside the code it drives; the module named here provides
+``add_parser(subparsers)``, which registers its commands with ``set_defaults(func=...)``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
+
+# module -> the commands it registers
+COMMAND_MODULES = {
+    "vlfuse.models.qwen2_vl.cli": ("generate",),
+    "vlfuse.train.cli": ("train", "make-data", "import-vit", "demo"),
+    "vlfuse.bench.cli": ("bench",),
+}
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -21,11 +33,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlfuse", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vlfuse", description="vlfuse: fused Qwen2-VL vision kernels and models")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="print how vlfuse was built (versions, CUDA archs, CPU ISA)")
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=_cmd_info)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
