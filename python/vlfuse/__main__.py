@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             family = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:  # a real import error inside the module: show it
+            if exc.name is None or not (module + ".").startswith(exc.name + "."):  # a real import error: show it
                 raise
             continue  # a family not part of this build
         family.add_parser(sub)
