@@ -214,6 +214,28 @@ def _rope_qkv_backward(ctx, grad_q, grad_k, grad_v):
 torch.library.register_autograd("vlfuse::rope_qkv", _rope_qkv_backward, setup_context=_rope_qkv_setup)
 
 
+def _rope_qkv_backward_setup(ctx, inputs, output):
+    grad_q, grad_k, grad_v, positions, freqs, out_layout = inputs
+    ctx.out_layout = out_layout
+    ctx.num_heads = grad_q.shape[0] if out_layout == "hsd" else grad_q.shape[1]
+    ctx.freqs_grad = freqs.requires_grad
+    ctx.save_for_backward(positions, freqs)
+
+
+def _rope_qkv_double_backward(ctx, grad_grad_qkv):
+    # rope_qkv_backward is the transpose of the linear map rope_qkv, so its own gradient is rope_qkv again.
+    if ctx.freqs_grad:
+        raise NotImplementedError("vlfuse.rope_qkv: second derivatives with respect to freqs are not supported")
+    positions, freqs = ctx.saved_tensors
+    gq, gk, gv = torch.ops.vlfuse.rope_qkv(grad_grad_qkv, positions, freqs, ctx.num_heads, ctx.out_layout)
+    return gq, gk, gv, None, None, None
+
+
+torch.library.register_autograd(
+    "vlfuse::rope_qkv_backward", _rope_qkv_double_backward, setup_context=_rope_qkv_backward_setup
+)
+
+
 def _rope_setup(ctx, inputs, output):
     q, k, positions, freqs, inverse = inputs
     ctx.inverse = inverse
