@@ -17,11 +17,12 @@ TORCH_LIBRARY(vlfuse, m) {
   m.def("rope_cos_sin(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse=False) -> (Tensor, Tensor)");
 
   // ---- temporal patchify (csrc/patchify) ----------------------------------------------------------------
-  // frames: one [T, C, H, W] tensor per item; returns patches [N, C*Tp*P*P] in out_dtype, in merge order.
+  // frames: one [T, C, H, W] tensor (uint8 or float) per item; returns patches [N, C*Tp*P*P] in out_dtype, in
+  // merge order, normalized; odd T repeats the last frame.
   m.def("patchify(Tensor[] frames, int patch_size, int temporal_patch_size, int merge_size, float[] mean, float[] std, ScalarType out_dtype) -> Tensor");
-  // patches [N, C*Tp*P*P] @ weight[E, C, Tp, P, P]^T (+ bias) -> [N, E] in weight's dtype.
+  // patches [N, C*Tp*P*P] @ weight[E, C, Tp, P, P]^T (+ bias) -> [N, E] in weight's dtype. Its backward is two
+  // ATen GEMMs, registered with its autograd in python/vlfuse/ops/patchify.py.
   m.def("patch_embed(Tensor patches, Tensor weight, Tensor? bias) -> Tensor");
-  m.def("patch_embed_backward(Tensor grad_out, Tensor patches, Tensor weight, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 
   // ---- 2x2 token merge (csrc/merge) ---------------------------------------------------------------------
   // x [S, C] -> normalized and gathered [S / m^2, m^2 * C], plus per-token mean and rstd [S] (float32) for backward.

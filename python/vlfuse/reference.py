@@ -97,6 +97,49 @@ def rope_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def patchify(
+    frames: list[Tensor],
+    patch_size: int = 14,
+    temporal_patch_size: int = 2,
+    merge_size: int = 2,
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+    out_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """frames: list of [T, C, H, W] (uint8: pixel / 255, float: as is) -> patches [N, C*Tp*P*P], grid_thw [items, 3].
+
+    Each item: normalize (x - mean) / std, repeat the last frame up to a multiple of Tp, then rows over
+    (temporal pair, h-block, w-block, merge window row-major), each row a [C, Tp, P, P] block flattened.
+    """
+    acc = torch.float64 if out_dtype == torch.float64 else torch.float32
+    P, Tp, m = patch_size, temporal_patch_size, merge_size
+    rows, grids = [], []
+    for f in frames:
+        x = f.to(acc) / 255 if f.dtype == torch.uint8 else f.to(acc)
+        x = (x - torch.tensor(mean, dtype=acc).view(-1, 1, 1)) / torch.tensor(std, dtype=acc).view(-1, 1, 1)
+        T, C, H, W = x.shape
+        pad = -T % Tp
+        x = torch.cat([x, x[-1:].expand(pad, C, H, W)]) if pad else x
+        gt, gh, gw = x.shape[0] // Tp, H // P, W // P
+        x = x.reshape(gt, Tp, C, gh // m, m, P, gw // m, m, P)
+        # -> (t, h-block, w-block, window row, window col | C, Tp, row, col)
+        x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+        rows.append(x.reshape(gt * gh * gw, C * Tp * P * P).to(out_dtype))
+        grids.append([gt, gh, gw])
+    return torch.cat(rows), torch.tensor(grids, dtype=torch.int64)
+
+
+def patch_embed(patches: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """patches [N, K] (cast to weight's dtype) @ weight [E, C, Tp, P, P] flattened to [E, K], transposed, + bias."""
+    acc = _acc(weight.dtype)
+    x = patches.to(weight.dtype).to(acc)
+    out = x @ weight.reshape(weight.shape[0], -1).to(acc).t()
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(weight.dtype)
+
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2x2 token merge (section owned by csrc/merge)
 # ----------------------------------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+// CPU packing kernel. Compiled once per ISA (see CMakeLists.txt); parallel over patches, one pass: every patch
+// row of P pixels is loaded, converted, normalized and stored in the output dtype with vector instructions.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+#include "patchify/patchify.h"
+
+namespace vlfuse::VLFUSE_ISA_NS {
+
+using at::vec::Vectorized;
+using patchify::Params;
+
+namespace {
+
+// Loads n <= Vectorized<acc_t>::size() consecutive pixels as acc_t lanes (lanes past n are zero).
+template <typename acc_t, typename in_t>
+inline Vectorized<acc_t> load_pixels(const in_t* p, int64_t n) {
+  using aVec = Vectorized<acc_t>;
+  if constexpr (std::is_same_v<in_t, acc_t>) {
+    return aVec::loadu(p, n);
+  } else if constexpr (std::is_same_v<acc_t, float> && at::vec::is_reduced_floating_point_v<in_t>) {
+    auto [lo, hi] = at::vec::convert_to_float<in_t>(Vectorized<in_t>::loadu(p, n));
+    return lo;
+  } else if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<in_t, uint8_t>) {
+    return at::vec::convert<float>(Vectorized<uint8_t>::loadu(p, static_cast<uint8_t>(n)));
+  } else {
+    __at_align__ acc_t buf[aVec::size()];
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = static_cast<acc_t>(p[i]);
+    }
+    return aVec::loadu(buf, n);
+  }
+}
+
+// Stores the first n lanes of v as out_t.
+template <typename out_t, typename acc_t>
+inline void store_values(out_t* p, int64_t n, const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<out_t, acc_t>) {
+    v.store(p, n);
+  } else {
+    static_assert(at::vec::is_reduced_floating_point_v<out_t> && std::is_same_v<acc_t, float>);
+    at::vec::convert_from_float<out_t>(v, v).store(p, n);
+  }
+}
+
+template <typename in_t, typename out_t>
+void patchify_impl(const Params& p) {
+  using acc_t = at::opmath_type<out_t>;
+  using aVec = Vectorized<acc_t>;
+  constexpr int64_t W = aVec::size();
+  const int64_t P = p.patch, Tp = p.temporal, C = p.channels;
+  const int64_t patch_elems = p.patch_elems();
+  const int64_t grain = std::max<int64_t>(1, 32768 / patch_elems);
+  out_t* out = static_cast<out_t*>(p.out);
+
+  at::parallel_for(0, p.patches, grain, [&](int64_t begin, int64_t end) {
+    int item = patchify::item_of(p, begin, 0);
+    for (int64_t n = begin; n < end; ++n) {
+      item = patchify::item_of(p, n, item);
+      const patchify::Item& it = p.items[item];
+      const auto pos = patchify::patch_position(n - it.first_patch, it.grid_h, it.grid_w, p.merge);
+      const in_t* origin = static_cast<const in_t*>(it.frames) + pos.ph * P * it.stride_h + pos.pw * P * it.stride_w;
+      out_t* dst = out + n * patch_elems;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t scale = static_cast<acc_t>(p.scale[c]);
+        const acc_t shift = static_cast<acc_t>(p.shift[c]);
+        const aVec scale_v(scale), shift_v(shift);
+        for (int64_t tp = 0; tp < Tp; ++tp) {
+          const int64_t f = patchify::source_frame(pos.t, tp, Tp, it.num_frames);
+          const in_t* plane = origin + f * it.stride_t + c * it.stride_c;
+          for (int64_t py = 0; py < P; ++py, dst += P) {
+            const in_t* row = plane + py * it.stride_h;
+            if (it.stride_w == 1) {
+              for (int64_t x = 0; x < P; x += W) {
+                const int64_t len = std::min<int64_t>(W, P - x);
+                const aVec v = patchify::normalize<aVec>(load_pixels<acc_t>(row + x, len), scale_v, shift_v);
+                store_values(dst + x, len, v);
+              }
+            } else {
+              for (int64_t x = 0; x < P; ++x) {
+                const acc_t v = static_cast<acc_t>(row[x * it.stride_w]);
+                dst[x] = static_cast<out_t>(patchify::normalize<acc_t>(v, scale, shift));
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void patchify_cpu_kernel(const Params& p) {
+  const auto in_dtype = static_cast<at::ScalarType>(p.in_dtype);
+  const auto out_dtype = static_cast<at::ScalarType>(p.out_dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kByte, in_dtype, "vlfuse.patchify", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "vlfuse.patchify.out",
+                                    [&] { patchify_impl<in_t, scalar_t>(p); });
+  });
+}
+
+}  // namespace vlfuse::VLFUSE_ISA_NS
