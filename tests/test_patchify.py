@@ -14,7 +14,6 @@ from vlfuse.nn import PatchEmbed3d
 from vlfuse.ops import CLIP_MEAN, CLIP_STD, embed_frames, patch_embed, patchify, smart_resize
 
 cuda = pytest.mark.cuda
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 P, TP, M = 14, 2, 2
@@ -437,7 +436,6 @@ def test_compile_fullgraph():
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("in_dtype", [torch.uint8, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_dtype", FLOATS + [torch.float64])
 def test_patchify_cuda_matches_cpu(in_dtype, out_dtype):
@@ -451,7 +449,6 @@ def test_patchify_cuda_matches_cpu(in_dtype, out_dtype):
 
 
 @cuda
-@needs_cuda
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_patch_embed_cuda_matches_reference(dtype):
     patches = torch.randn(64, K, device="cuda")
@@ -463,7 +460,6 @@ def test_patch_embed_cuda_matches_reference(dtype):
 
 
 @cuda
-@needs_cuda
 def test_cuda_opcheck_and_embed_frames_vs_hf():
     for op, args in _opcheck_samples("cuda"):
         torch.library.opcheck(op, args)
