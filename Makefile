@@ -47,6 +47,22 @@ test: install
 test-cuda: install
 	$(PY) -m pytest tests -q -m cuda
 
+# CPU kernels built with AddressSanitizer + UndefinedBehaviorSanitizer, loaded into an unsanitized Python/torch
+# (so the ASan runtime is preloaded); the op tests run against that build. Suppressions: tests/asan.supp.
+ASAN_TESTS ?= tests/test_rope.py tests/test_patchify.py tests/test_merge.py tests/test_errors.py
+test-asan: $(VENV)/.deps
+	$(VENV)/bin/cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+	  -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) \
+	  -DVLFUSE_CUDA=OFF -DVLFUSE_SANITIZE=ON
+	$(VENV)/bin/cmake --build build/asan
+	rm -rf build/asan-pkg && mkdir -p build/asan-pkg && cp -r python/vlfuse build/asan-pkg/ \
+	  && rm -f build/asan-pkg/vlfuse/_C*.so && cp build/asan/_C*.so build/asan-pkg/vlfuse/
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0:abort_on_error=1:suppressions=$(abspath tests/asan.supp) \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:suppressions=$(abspath tests/ubsan.supp) \
+	  PYTHONPATH=build/asan-pkg $(PY) -m pytest $(wildcard $(ASAN_TESTS)) -q -p no:cacheprovider -m "not cuda"
+
 fuzz: install
 	VLFUSE_FUZZ_EXAMPLES=2000 $(PY) -m pytest tests/test_fuzz.py -q
 
