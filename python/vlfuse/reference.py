@@ -143,3 +143,48 @@ def patch_embed(patches: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
 # ----------------------------------------------------------------------------------------------------------
 # 2x2 token merge (section owned by csrc/merge)
 # ----------------------------------------------------------------------------------------------------------
+
+
+def raster_merge_index(grid_thw: Tensor, merge_size: int = 2) -> Tensor:
+    """[S] int64: the token (row of a raster-ordered x) that lands at each position of merge order.
+
+    Each frame of each item is row-major over (h, w); merge order runs over frames, h-blocks, w-blocks, and
+    the m x m window row-major.
+    """
+    m = merge_size
+    parts, start = [], 0
+    for t, h, w in grid_thw.tolist():
+        idx = torch.arange(start, start + t * h * w).reshape(t, h // m, m, w // m, m)
+        parts.append(idx.permute(0, 1, 3, 2, 4).flatten())
+        start += t * h * w
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def merge2x2(
+    x: Tensor,
+    grid_thw: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    norm: str = "layernorm",
+    order: str = "merge",
+    merge_size: int = 2,
+) -> Tensor:
+    """x [S, C] -> [S / m^2, m^2 * C]: every token normalized (statistics in float32), then each m x m window
+    concatenated; order="raster" first gathers raster-ordered tokens into merge order."""
+    acc = _acc(x.dtype)
+    xf = x.to(acc)
+    if norm == "layernorm":
+        mean = xf.mean(dim=-1, keepdim=True)
+        var = (xf - mean).square().mean(dim=-1, keepdim=True)
+        y = (xf - mean) * torch.rsqrt(var + eps) * weight.to(acc)
+        if bias is not None:
+            y = y + bias.to(acc)
+    elif norm == "rmsnorm":
+        y = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps) * weight.to(acc)
+    else:
+        raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {norm!r}")
+    y = y.to(x.dtype)
+    if order == "raster":
+        y = y[raster_merge_index(grid_thw, merge_size).to(y.device)]
+    return y.reshape(-1, merge_size * merge_size * x.shape[-1])

@@ -1,6 +1,7 @@
 """Public vlfuse operators. Each submodule holds one op family: the typed function users call (shapes
 documented on it), its fake kernel for torch.compile, and its autograd registration."""
 
+from .merge import merge2x2
 from .patchify import CLIP_MEAN, CLIP_STD, embed_frames, patch_embed, patchify, smart_resize
 from .rope import rope, rope_, rope_cos_sin, rope_qkv, vision_positions, vision_rope_freqs
 
@@ -17,4 +18,5 @@ __all__ = [
     "smart_resize",
     "CLIP_MEAN",
     "CLIP_STD",
+    "merge2x2",
 ]

@@ -1,0 +1,114 @@
+// Norm + m x m token merge: the index math and per-element norm math shared by the CPU and CUDA kernels, and
+// the parameter block that is the only link between the op front (merge.cpp: checks, allocation) and them.
+//
+// Output row r of [S / m^2, m^2 * C] concatenates the normalized tokens source_token(r, 0 .. m^2 - 1).
+//   order "merge":  tokens are already in Qwen2-VL's patch order, so window slot k of row r is token r*m^2 + k.
+//   order "raster": every frame is row-major over (h, w); rows run over items, frames, h-blocks, w-blocks and
+//                   slot k = (a, b) = (k / m, k % m) is token (hb*m + a, wb*m + b) of that frame.
+// The per-element norm formulas use only +, - and *, so one template runs on scalars and on at::vec vectors.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+
+namespace vlfuse::merge {
+
+enum class Norm : int8_t { LayerNorm = 0, RMSNorm = 1 };
+enum class Order : int8_t { Merge = 0, Raster = 1 };
+
+// y = (x - mean) * rstd * w + b  (LayerNorm; RMSNorm passes mean = 0, b = 0).
+template <typename T>
+C10_HOST_DEVICE inline T normalize(T x, T mean, T rstd, T w, T b) {
+  return (x - mean) * rstd * w + b;
+}
+
+// Input gradient of either norm for one element, given per-token sums over the row of
+//   sum_g = sum_j dy_j w_j   and   sum_gx = sum_j dy_j w_j xhat_j   (xhat = (x - mean) * rstd):
+//   LayerNorm: dx = rstd * (g - sum_g / C - xhat * sum_gx / C)
+//   RMSNorm:   dx = rstd * (g - xhat * sum_gx / C)       (the caller passes mean_g = 0)
+template <typename T>
+C10_HOST_DEVICE inline T norm_grad_input(T g, T xhat, T rstd, T mean_g, T mean_gx) {
+  return rstd * (g - mean_g - xhat * mean_gx);
+}
+
+// Where the output rows of item `item` start: offsets[item] (an exclusive prefix sum of rows per item,
+// offsets[items] = S / m^2). Returns the item holding row r by binary search: the last i with offsets[i] <= r.
+C10_HOST_DEVICE inline int64_t find_item(const int64_t* offsets, int64_t items, int64_t r) {
+  int64_t lo = 0, hi = items;  // invariant: offsets[lo] <= r < offsets[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (offsets[mid] <= r) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Token index (row of x) of window slot k of output row r in raster order, for the item whose rows start at
+// row_begin and whose frames are h x w tokens. Tokens of an item start at row_begin * m^2 (m^2 per row).
+C10_HOST_DEVICE inline int64_t raster_token(int64_t r, int64_t row_begin, int64_t h, int64_t w, int64_t m,
+                                            int64_t k) {
+  const int64_t blocks_w = w / m;
+  const int64_t rows_per_frame = (h / m) * blocks_w;
+  const int64_t local = r - row_begin;
+  const int64_t frame = local / rows_per_frame;
+  const int64_t block = local - frame * rows_per_frame;
+  const int64_t hb = block / blocks_w, wb = block - hb * blocks_w;
+  const int64_t a = k / m, b = k - a * m;
+  return row_begin * m * m + frame * h * w + (hb * m + a) * w + wb * m + b;
+}
+
+// Token index of window slot k of output row r. For raster order, grid is grid_thw [items, 3] (t, h, w) with
+// row strides grid_stride and offsets its [items + 1] row prefix sums.
+C10_HOST_DEVICE inline int64_t source_token(Order order, int64_t r, int64_t k, int64_t m, const int64_t* grid,
+                                            int64_t grid_stride0, int64_t grid_stride1, const int64_t* offsets,
+                                            int64_t items) {
+  if (order == Order::Merge) {
+    return r * m * m + k;
+  }
+  const int64_t item = find_item(offsets, items, r);
+  const int64_t* g = grid + item * grid_stride0;
+  return raster_token(r, offsets[item], g[grid_stride1], g[2 * grid_stride1], m, k);
+}
+
+struct Params {
+  // x [S, C] with unit stride on C; out [S / m^2, m^2 * C] contiguous; mean, rstd [S] in acc_t (mean is
+  // unused, and may be null, for RMSNorm).
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  void* out = nullptr;
+  void* mean = nullptr;
+  void* rstd = nullptr;
+  // weight, bias [C] contiguous in acc_t (float32, or float64 for float64 inputs); bias null when absent.
+  const void* weight = nullptr;
+  const void* bias = nullptr;
+  int64_t tokens = 0;
+  int64_t channels = 0;
+  int64_t merge_size = 2;
+  double eps = 1e-6;
+  Norm norm = Norm::LayerNorm;
+  Order order = Order::Merge;
+  // grid_thw [items, 3] as int64 (any strides) and offsets [items + 1] int64, on the kernel's device.
+  // The front computes and validates offsets when grid_thw comes from the host; for a grid_thw already on the
+  // GPU it leaves offsets null and the CUDA code derives (and checks) them on the device, without a host sync.
+  const int64_t* grid = nullptr;
+  int64_t grid_stride0 = 0, grid_stride1 = 0;
+  const int64_t* offsets = nullptr;
+  int64_t items = 0;
+  bool grid_on_device = false;  // grid_thw was passed on the GPU: its values are checked there
+  int8_t dtype = 0;  // c10::ScalarType of x and out
+  int device_index = -1;
+  // Backward only: grad_out [S / m^2, m^2 * C] (unit stride on its last dim), grad_x [S, C] contiguous (null
+  // when not wanted), and grad_weight / grad_bias [C] in acc_t (null when not wanted), each the sum over tokens
+  // of per-chunk partial sums that the kernels reduce in a fixed order (deterministic for a given size).
+  const void* grad_out = nullptr;
+  int64_t grad_out_stride = 0;
+  void* grad_x = nullptr;
+  void* grad_weight = nullptr;
+  void* grad_bias = nullptr;
+};
+
+}  // namespace vlfuse::merge

@@ -1,0 +1,107 @@
+"""Norm + m x m token merge: the LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL) of every vision token fused with
+the gather of each m x m window of tokens into one row, the input of the patch merger's MLP.
+
+Statistics are computed in float32 (float64 for float64 inputs) whatever the input dtype; the normalized
+value is rounded to the input dtype once. Argument checks live in the C++ op (csrc/merge/merge.cpp); the fake
+kernels below only compute output shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._native import require_native
+
+__all__ = ["merge2x2"]
+
+
+def merge2x2(
+    x: Tensor,
+    grid_thw: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    norm: str = "layernorm",
+    order: str = "merge",
+    merge_size: int = 2,
+) -> Tensor:
+    """Normalizes every token and concatenates each merge_size x merge_size window into one row.
+
+    x:        [S, C]          tokens of all items, concatenated (unit stride on C is fastest; any strides work)
+    grid_thw: [items, 3] int  (t, h, w) per image or video, in patches; h and w multiples of merge_size, and
+                              sum(t * h * w) == S. On the host it is checked value by value; on the GPU it is
+                              read there (no host sync) and a bad grid raises a device-side assertion.
+                              May be None for order="merge", which does not need it.
+    weight:   [C]             norm scale; bias: [C] or None (LayerNorm only)
+    norm:     "layernorm"  y = (x - mean) / sqrt(var + eps) * weight + bias
+              "rmsnorm"    y = x / sqrt(mean(x^2) + eps) * weight
+    order:    "merge"   tokens already in Qwen2-VL patch order: row r holds tokens r*m^2 .. r*m^2 + m^2 - 1
+                        (HF's ``ln_q(x).view(-1, m * m * C)``)
+              "raster"  each frame row-major over (h, w): rows run over items, frames, h-blocks, w-blocks and
+                        row (hb, wb) holds tokens (hb*m + a, wb*m + b) for a, b in [0, m), a major
+    returns:  [S / m^2, m^2 * C] in x's dtype. Differentiable w.r.t. x, weight and bias.
+    """
+    require_native()
+    return torch.ops.vlfuse.merge2x2(x, grid_thw, weight, bias, eps, norm, order, merge_size)[0]
+
+
+# ---- fake (meta) kernels: shapes only ------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("vlfuse::merge2x2")
+def _(x, grid_thw, weight, bias, eps, norm, order, merge_size):
+    S, C = x.shape
+    mm = merge_size * merge_size
+    acc = _acc_dtype(x.dtype)
+    mean = x.new_empty((S if norm == "layernorm" else 0,), dtype=acc)
+    return x.new_empty((S // mm, mm * C)), mean, x.new_empty((S,), dtype=acc)
+
+
+@torch.library.register_fake("vlfuse::merge2x2_backward")
+def _(grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, output_mask):
+    # Gradients that output_mask does not ask for come back as empty [0] tensors.
+    S, C = x.shape
+    grad_x = x.new_empty((S, C) if output_mask[0] else (0,))
+    grad_w = weight.new_empty((C,) if output_mask[1] else (0,))
+    grad_b = weight.new_empty((C,) if output_mask[2] else (0,))
+    return grad_x, grad_w, grad_b
+
+
+# ---- autograd --------------------------------------------------------------------------------------------------
+
+
+def _merge2x2_setup(ctx, inputs, output):
+    x, grid_thw, weight, bias, eps, norm, order, merge_size = inputs
+    _, mean, rstd = output
+    ctx.config = (norm, order, merge_size)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, grid_thw, weight, mean, rstd)
+
+
+def _merge2x2_backward(ctx, grad_out, grad_mean, grad_rstd):
+    x, grid_thw, weight, mean, rstd = ctx.saved_tensors
+    norm, order, merge_size = ctx.config
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]]
+    if grad_out is None or not any(mask):
+        return None, None, None, None, None, None, None, None
+    grad_x, grad_w, grad_b = torch.ops.vlfuse.merge2x2_backward(
+        grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, mask
+    )
+    return (
+        grad_x if mask[0] else None,
+        None,
+        grad_w if mask[1] else None,
+        grad_b if mask[2] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("vlfuse::merge2x2", _merge2x2_backward, setup_context=_merge2x2_setup)
