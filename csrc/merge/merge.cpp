@@ -14,10 +14,6 @@ VLFUSE_DECLARE_CPU_KERNEL(merge_backward_cpu_kernel, const ::vlfuse::merge::Para
 
 namespace vlfuse::merge {
 
-#ifdef VLFUSE_WITH_CUDA
-void merge_forward_cuda(const Params& p);
-void merge_backward_cuda(const Params& p);
-#endif
 
 namespace {
 
@@ -156,12 +152,7 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2(const Tensor& x_in, const std::optio
       VLFUSE_CPU_KERNEL(merge_forward_cpu_kernel)(p);
     }
   } else {
-#ifdef VLFUSE_WITH_CUDA
-    TORCH_CHECK(x.is_cuda(), "vlfuse.merge2x2: no kernel for device ", x.device());
-    merge_forward_cuda(p);
-#else
     TORCH_CHECK(false, "vlfuse.merge2x2: no kernel for device ", x.device());
-#endif
   }
   return {out, mean, rstd};
 }
@@ -217,12 +208,7 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2_backward(const Tensor& grad_out_in, 
   } else if (x.is_cpu()) {
     VLFUSE_CPU_KERNEL(merge_backward_cpu_kernel)(p);
   } else {
-#ifdef VLFUSE_WITH_CUDA
-    TORCH_CHECK(x.is_cuda(), "vlfuse.merge2x2_backward: no kernel for device ", x.device());
-    merge_backward_cuda(p);
-#else
     TORCH_CHECK(false, "vlfuse.merge2x2_backward: no kernel for device ", x.device());
-#endif
   }
   return {grad_x, grad_w.to(weight.scalar_type()), grad_b.to(weight.scalar_type())};
 }
@@ -233,12 +219,5 @@ TORCH_LIBRARY_IMPL(vlfuse, CPU, m) {
   m.impl("merge2x2", &merge2x2);
   m.impl("merge2x2_backward", &merge2x2_backward);
 }
-
-#ifdef VLFUSE_WITH_CUDA
-TORCH_LIBRARY_IMPL(vlfuse, CUDA, m) {
-  m.impl("merge2x2", &merge2x2);
-  m.impl("merge2x2_backward", &merge2x2_backward);
-}
-#endif
 
 }  // namespace vlfuse::merge

@@ -23,6 +23,21 @@ C10_HOST_DEVICE inline T normalize(T x, T mean, T rstd, T w, T b) {
   return (x - mean) * rstd * w + b;
 }
 
+// Second pass of the corrected two-pass statistics over d = x - mean0 (mean0 from the first pass; 0 for
+// RMSNorm): the mean's correction shift = sum_d / C and the variance. RMSNorm's "variance" is mean(x^2), with
+// no shift.
+template <typename T>
+C10_HOST_DEVICE inline void corrected_moments(T sum_d, T sum_d2, T count, Norm norm, T& shift, T& var) {
+  if (norm == Norm::LayerNorm) {
+    shift = sum_d / count;
+    const T v = sum_d2 / count - shift * shift;
+    var = v > T(0) ? v : T(0);
+  } else {
+    shift = T(0);
+    var = sum_d2 / count;
+  }
+}
+
 // Input gradient of either norm for one element, given per-token sums over the row of
 //   sum_g = sum_j dy_j w_j   and   sum_gx = sum_j dy_j w_j xhat_j   (xhat = (x - mean) * rstd):
 //   LayerNorm: dx = rstd * (g - sum_g / C - xhat * sum_gx / C)

@@ -58,28 +58,35 @@ struct Row {
     return at::vec::vec_reduce_all<acc_t>([](fVec& a, fVec& b) { return a + b; }, total);
   }
 
-  // mean and rstd of one token: two passes over the row (it is in L1 after the first).
+  // mean and rstd of one token by the corrected two-pass algorithm (Chan, Golub and LeVeque): the mean, then
+  // the sums of d = x - mean and of d^2; the first corrects the rounding of the mean (free: d is computed
+  // anyway) and the second is a sum of non-negative terms, stable where E[x^2] - E[x]^2 is not. The token
+  // is in L1 after the first pass.
   static inline void stats(const scalar_t* x, int64_t C, Norm norm, double eps, acc_t& mean, acc_t& rstd) {
-    fVec acc[kParts];
+    fVec sum[kParts], sum_sq[kParts];
+    std::fill(sum, sum + kParts, fVec(acc_t(0)));
     mean = acc_t(0);
     if (norm == Norm::LayerNorm) {
-      std::fill(acc, acc + kParts, fVec(acc_t(0)));
       for_blocks(x, C, [&](int64_t, int64_t, const fVec* v) {
         for (int j = 0; j < kParts; ++j) {
-          acc[j] = acc[j] + v[j];
+          sum[j] = sum[j] + v[j];
         }
       });
-      mean = reduce(acc) / static_cast<acc_t>(C);
+      mean = reduce(sum) / static_cast<acc_t>(C);
+      std::fill(sum, sum + kParts, fVec(acc_t(0)));
     }
-    std::fill(acc, acc + kParts, fVec(acc_t(0)));
+    std::fill(sum_sq, sum_sq + kParts, fVec(acc_t(0)));
     const fVec mv(mean);
     for_blocks(x, C, [&](int64_t, int64_t n, const fVec* v) {
       for (int j = 0; j < kParts; ++j) {
         const fVec d = mask_tail(v[j] - mv, n, j);
-        acc[j] = at::vec::fmadd(d, d, acc[j]);
+        sum[j] = sum[j] + d;
+        sum_sq[j] = at::vec::fmadd(d, d, sum_sq[j]);
       }
     });
-    const acc_t var = reduce(acc) / static_cast<acc_t>(C);
+    acc_t var, shift;
+    merge::corrected_moments(reduce(sum), reduce(sum_sq), static_cast<acc_t>(C), norm, shift, var);
+    mean += shift;
     rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
   }
 };
