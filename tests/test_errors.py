@@ -1,0 +1,134 @@
+"""Bad input gets a clear error naming the argument, never a crash or a silent wrong answer (issue 9).
+
+One table: each case calls a public op with one thing wrong and names the exception type and the key words the
+message must contain. The checks themselves live once, in the C++ ops."""
+
+import re
+
+import pytest
+import torch
+
+from vlfuse import ops
+
+F = ops.vision_rope_freqs(16)
+POS = ops.vision_positions(torch.tensor([[1, 2, 2]]))  # 4 tokens
+QKV = torch.randn(4, 3 * 2 * 16)
+Q = torch.randn(4, 2, 16)
+K = torch.randn(4, 1, 16)
+COS = torch.randn(4, 16)
+
+
+def frames(t=1, c=3, h=28, w=28, dtype=torch.uint8):
+    return torch.randint(0, 255, (t, c, h, w), dtype=torch.uint8).to(dtype)
+
+
+PATCHES = torch.randn(3, 3 * 2 * 14 * 14)
+WEIGHT = torch.randn(8, 3, 2, 14, 14)
+
+CASES = [
+    # ---- rope_qkv ----
+    ("rope_qkv int qkv", lambda: ops.rope_qkv(QKV.long(), POS, F, 2), TypeError, ["qkv", "float32"]),
+    ("rope_qkv 3-D qkv", lambda: ops.rope_qkv(QKV[None], POS, F, 2), ValueError, ["qkv", "2-D"]),
+    ("rope_qkv width", lambda: ops.rope_qkv(QKV[:, :-3], POS, F, 2), ValueError, ["last dimension", "3 * num_heads"]),
+    ("rope_qkv heads 0", lambda: ops.rope_qkv(QKV, POS, F, 0), ValueError, ["num_heads", "positive"]),
+    ("rope_qkv heads <0", lambda: ops.rope_qkv(QKV, POS, F, -2), ValueError, ["num_heads", "positive"]),
+    ("rope_qkv odd head_dim", lambda: ops.rope_qkv(torch.randn(4, 3 * 2 * 15), POS, F, 2), ValueError, ["head_dim", "even"]),
+    ("rope_qkv layout", lambda: ops.rope_qkv(QKV, POS, F, 2, "bshd"), ValueError, ["out_layout", "hsd"]),
+    ("rope_qkv float positions", lambda: ops.rope_qkv(QKV, POS.float(), F, 2), TypeError, ["positions", "int64"]),
+    ("rope_qkv 1-D positions", lambda: ops.rope_qkv(QKV, POS[:, 0], F, 2), ValueError, ["positions", "2-D"]),
+    ("rope_qkv positions rows", lambda: ops.rope_qkv(QKV, POS[:3], F, 2), ValueError, ["positions has 3 rows", "4 tokens"]),
+    ("rope_qkv 5 axes", lambda: ops.rope_qkv(QKV, POS.repeat(1, 3)[:, :5], F, 2), ValueError, ["positions", "1 to 4 axes"]),
+    ("rope_qkv 0 axes", lambda: ops.rope_qkv(QKV, POS[:, :0], F, 2), ValueError, ["positions", "axes"]),
+    ("rope_qkv freqs shape", lambda: ops.rope_qkv(QKV, POS, F[:, :4], 2), ValueError, ["freqs", "[axes, head_dim / 2]"]),
+    ("rope_qkv freqs axes", lambda: ops.rope_qkv(QKV, POS, F[:1], 2), ValueError, ["freqs", "[2, 8]"]),
+    ("rope_qkv freqs dtype", lambda: ops.rope_qkv(QKV, POS, F.half(), 2), TypeError, ["freqs", "float32"]),
+    # ---- rope / rope_ ----
+    ("rope 2-D q", lambda: ops.rope(Q[:, 0], K, POS, F), ValueError, ["q", "3-D"]),
+    ("rope k tokens", lambda: ops.rope(Q, K[:3], POS, F), ValueError, ["k", "tokens"]),
+    ("rope k head_dim", lambda: ops.rope(Q, torch.randn(4, 1, 8), POS, F), ValueError, ["k", "[tokens, heads, 16]"]),
+    ("rope k dtype", lambda: ops.rope(Q, K.half(), POS, F), TypeError, ["k has dtype", "q has"]),
+    ("rope int q", lambda: ops.rope(Q.int(), K.int(), POS, F), TypeError, ["q", "float32"]),
+    ("rope odd head_dim", lambda: ops.rope(Q[..., :15], K[..., :15], POS, F), ValueError, ["head_dim", "even"]),
+    ("rope positions rows", lambda: ops.rope(Q, K, POS[:2], F), ValueError, ["positions", "tokens"]),
+    ("rope freqs", lambda: ops.rope(Q, K, POS, F[:, :3]), ValueError, ["freqs"]),
+    ("rope_ expanded q", lambda: ops.rope_(torch.randn(1, 2, 16).expand(4, 2, 16), K.clone(), POS, F), ValueError, ["q", "overlapping"]),
+    ("rope_ expanded k", lambda: ops.rope_(Q.clone(), torch.randn(1, 1, 16).expand(4, 1, 16), POS, F), ValueError, ["k", "overlapping"]),
+    ("rope_ q is k", lambda: (lambda t: ops.rope_(t, t, POS, F))(Q.clone()), ValueError, ["q and k share memory"]),
+    ("rope_ strided D", lambda: ops.rope_(Q.clone().transpose(1, 2).contiguous().transpose(1, 2)[:, :, :], K.clone().transpose(1, 2).contiguous().transpose(1, 2), POS, F), ValueError, ["unit stride", "head_dim"]),
+    # ---- rope_cos_sin ----
+    ("rope_cos_sin cos shape", lambda: ops.rope_cos_sin(Q, K, COS[:, :8], COS), ValueError, ["cos", "[tokens, head_dim]"]),
+    ("rope_cos_sin sin rows", lambda: ops.rope_cos_sin(Q, K, COS, COS[:3]), ValueError, ["sin", "[4, 16]"]),
+    ("rope_cos_sin int cos", lambda: ops.rope_cos_sin(Q, K, COS.long(), COS), TypeError, ["cos", "float32"]),
+    ("rope_cos_sin 1-D cos", lambda: ops.rope_cos_sin(Q, K, COS[0], COS), ValueError, ["cos"]),
+    # ---- vision helpers ----
+    ("vision_positions shape", lambda: ops.vision_positions(torch.tensor([1, 2, 2])), ValueError, ["grid_thw", "[items, 3]"]),
+    ("vision_positions odd grid", lambda: ops.vision_positions(torch.tensor([[1, 3, 2]])), ValueError, ["multiples of merge_size"]),
+    ("vision_positions negative", lambda: ops.vision_positions(torch.tensor([[1, -2, 2]])), ValueError, ["non-negative"]),
+    ("vision_positions merge 0", lambda: ops.vision_positions(torch.tensor([[1, 2, 2]]), 0), ValueError, ["merge_size", ">= 1"]),
+    ("vision_rope_freqs odd", lambda: ops.vision_rope_freqs(15), ValueError, ["head_dim", "even"]),
+    ("vision_rope_freqs zero", lambda: ops.vision_rope_freqs(0), ValueError, ["head_dim", "positive"]),
+    # ---- patchify ----
+    ("patchify empty list", lambda: ops.patchify([]), ValueError, ["frames", "at least one"]),
+    ("patchify 3-D frames", lambda: ops.patchify(frames()[0]), ValueError, ["frames[0]", "4-D"]),
+    ("patchify height 30", lambda: ops.patchify(frames(h=30)), ValueError, ["frames[0]", "30", "nearest valid", "28"]),
+    ("patchify width 50", lambda: ops.patchify(frames(w=50)), ValueError, ["width", "56", "smart_resize"]),
+    ("patchify size 0", lambda: ops.patchify(frames(h=0)), ValueError, ["frames[0]", "28"]),
+    ("patchify zero frames", lambda: ops.patchify(frames(t=0)), ValueError, ["at least one frame"]),
+    ("patchify int32 frames", lambda: ops.patchify(frames(dtype=torch.int32)), TypeError, ["frames[0]", "uint8"]),
+    ("patchify mixed dtypes", lambda: ops.patchify([frames(), frames(dtype=torch.float32)]), TypeError, ["frames[1]", "dtype"]),
+    ("patchify channel mismatch", lambda: ops.patchify([frames(), frames(c=1)]), ValueError, ["frames[1]", "channels"]),
+    ("patchify mean length", lambda: ops.patchify(frames(), mean=(0.5, 0.5)), ValueError, ["mean", "per channel"]),
+    ("patchify std zero", lambda: ops.patchify(frames(), std=(0.0, 1.0, 1.0)), ValueError, ["std", "non-zero"]),
+    ("patchify std nan", lambda: ops.patchify(frames(), std=(float("nan"), 1.0, 1.0)), ValueError, ["finite"]),
+    ("patchify patch 0", lambda: ops.patchify(frames(), patch_size=0), ValueError, ["patch_size", "positive"]),
+    ("patchify temporal 0", lambda: ops.patchify(frames(), temporal_patch_size=0), ValueError, ["temporal_patch_size", "positive"]),
+    ("patchify merge 0", lambda: ops.patchify(frames(), merge_size=0), ValueError, ["merge_size", "positive"]),
+    ("patchify int out", lambda: ops.patchify(frames(), out_dtype=torch.int64), TypeError, ["out_dtype"]),
+    ("patch_embed 1-D patches", lambda: ops.patch_embed(PATCHES[0], WEIGHT), ValueError, ["patches", "2-D"]),
+    ("patch_embed K mismatch", lambda: ops.patch_embed(PATCHES[:, :100], WEIGHT), ValueError, ["patches has 100", "weight"]),
+    ("patch_embed int patches", lambda: ops.patch_embed(PATCHES.long(), WEIGHT), TypeError, ["patches", "float32"]),
+    ("patch_embed int weight", lambda: ops.patch_embed(PATCHES, WEIGHT.long()), TypeError, ["weight", "float32"]),
+    ("patch_embed 1-D weight", lambda: ops.patch_embed(PATCHES, WEIGHT.flatten()), ValueError, ["weight", "Conv3d"]),
+    ("patch_embed bias shape", lambda: ops.patch_embed(PATCHES, WEIGHT, torch.randn(7)), ValueError, ["bias", "[E] = [8]"]),
+    ("patch_embed bias dtype", lambda: ops.patch_embed(PATCHES, WEIGHT, torch.randn(8).double()), TypeError, ["bias has dtype"]),
+    ("smart_resize zero", lambda: ops.smart_resize(0, 100), ValueError, ["height and width", "positive"]),
+    ("smart_resize aspect", lambda: ops.smart_resize(28, 28 * 300), ValueError, ["aspect ratio"]),
+]
+
+
+@pytest.mark.parametrize("call, exc, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_raises_clear_error(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+    assert re.search(r"vlfuse[.:]", message), f"message does not name the vlfuse op: {message!r}"
+
+
+def test_enough_cases():
+    assert len(CASES) >= 60
+
+
+@pytest.mark.cuda
+def test_device_mix_is_rejected():
+    qkv = QKV.cuda()
+    with pytest.raises(RuntimeError, match="positions is on cpu but qkv is on cuda"):
+        ops.rope_qkv(qkv, POS, F.cuda(), 2)
+    with pytest.raises(RuntimeError, match="freqs is on cpu"):
+        ops.rope_qkv(qkv, POS.cuda(), F, 2)
+    with pytest.raises(RuntimeError, match="weight is on"):
+        ops.patch_embed(PATCHES.cuda(), WEIGHT)
+    with pytest.raises(RuntimeError, match="frames\\[1\\] is on"):
+        ops.patchify([frames().cuda(), frames()])
+
+
+def test_nan_and_inf_propagate():
+    qkv = QKV.clone()
+    qkv[0, 0] = float("nan")
+    qkv[1, 16] = float("inf")
+    q, k, v = ops.rope_qkv(qkv, POS, F, 2)
+    assert torch.isnan(q[0, 0]).any() and not torch.isfinite(q[1, 1]).all()
+    assert torch.isfinite(q[2:]).all() and torch.isfinite(k).all()
+    out = ops.patch_embed(torch.full_like(PATCHES, float("nan")), WEIGHT)
+    assert torch.isnan(out).all()
