@@ -29,3 +29,10 @@ def tol(dtype: torch.dtype, scale: float = 1.0) -> dict:
 
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rope_tol(dtype: torch.dtype, max_angle: float, scale: float = 1.0) -> dict:
+    """tol() widened for rotations whose float32 angle sums several non-zero axes per pair: the kernel may
+    contract that sum into FMAs, so angles agree to a few float32 ulps of the angle's own magnitude."""
+    t = tol(dtype, scale)
+    return {"rtol": t["rtol"], "atol": t["atol"] + 16 * max_angle * _EPS[torch.float32]}
