@@ -1,0 +1,266 @@
+"""Qwen2-VL configuration: a dataclass pair (vision tower, whole model) that reads and writes HF's ``config.json``.
+
+Both HF layouts are read: the 4.x one (text fields at the top level, ``rope_scaling`` with ``mrope_section``) and the
+5.x one (``text_config`` with ``rope_parameters``). ``to_hf_dict`` writes the 5.x layout, which transformers 5.x
+reads natively and 4.5x reads through its ``text_config`` support.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["Qwen2VLVisionConfig", "Qwen2VLConfig", "CHAR_VOCAB_SPECIALS"]
+
+# The built-in character tokenizer's special tokens (ids right after the 256 byte values); the `tiny` preset uses
+# these ids so that it runs offline with no tokenizer.json.
+CHAR_VOCAB_SPECIALS = {
+    "<|endoftext|>": 256,
+    "<|im_start|>": 257,
+    "<|im_end|>": 258,
+    "<|vision_start|>": 259,
+    "<|vision_end|>": 260,
+    "<|vision_pad|>": 261,
+    "<|image_pad|>": 262,
+    "<|video_pad|>": 263,
+}
+
+
+@dataclass
+class Qwen2VLVisionConfig:
+    depth: int = 32
+    embed_dim: int = 1280
+    hidden_size: int = 1536  # the LLM width: what the merger projects to
+    mlp_ratio: float = 4.0
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    hidden_act: str = "quick_gelu"
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch vector: C * Tp * P * P."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    def validate(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"vision embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"vision head_dim {self.head_dim} must be a multiple of 4 (2-D rotary over h and w)")
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "Qwen2VLVisionConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        rope = d.get("rope_parameters") or {}
+        if "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        theta = d.pop("rope_theta")
+        if float(self.mlp_ratio).is_integer():
+            d["mlp_ratio"] = int(self.mlp_ratio)  # HF types it int; published configs write 4
+        d["rope_parameters"] = {"rope_type": "axial", "rope_theta": theta}
+        d["model_type"] = "qwen2_vl_vision"
+        return d
+
+
+@dataclass
+class Qwen2VLConfig:
+    vision: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1000000.0
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+    hidden_act: str = "silu"
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int | None = None
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    dtype: str | None = None  # the checkpoint's dtype as config.json records it ("bfloat16", ...)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> "Qwen2VLConfig":
+        self.vision.validate()
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                f"{self.num_key_value_heads}"
+            )
+        if sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(
+                f"mrope_section {self.mrope_section} must sum to head_dim / 2 = {self.head_dim // 2} "
+                "(one entry per frequency pair)"
+            )
+        if self.vision.hidden_size != self.hidden_size:
+            raise ValueError(
+                f"vision hidden_size {self.vision.hidden_size} (merger output) must equal the LLM hidden_size "
+                f"{self.hidden_size}"
+            )
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name} {getattr(self, name)} is outside the vocabulary (size {self.vocab_size})")
+        return self
+
+    # ---- presets ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str) -> "Qwen2VLConfig":
+        """``tiny`` (trains on a CPU in minutes; char-tokenizer vocabulary), ``2b`` and ``7b`` (published shapes)."""
+        if name == "tiny":
+            specials = CHAR_VOCAB_SPECIALS
+            return cls(
+                vision=Qwen2VLVisionConfig(depth=2, embed_dim=64, hidden_size=128, num_heads=4),
+                vocab_size=272,
+                hidden_size=128,
+                intermediate_size=352,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                mrope_section=[4, 6, 6],
+                max_position_embeddings=4096,
+                tie_word_embeddings=True,
+                bos_token_id=specials["<|endoftext|>"],
+                eos_token_id=specials["<|im_end|>"],
+                pad_token_id=specials["<|endoftext|>"],
+                image_token_id=specials["<|image_pad|>"],
+                video_token_id=specials["<|video_pad|>"],
+                vision_start_token_id=specials["<|vision_start|>"],
+                vision_end_token_id=specials["<|vision_end|>"],
+            ).validate()
+        if name == "2b":
+            return cls(vision=Qwen2VLVisionConfig(hidden_size=1536)).validate()
+        if name == "7b":
+            return cls(
+                vision=Qwen2VLVisionConfig(hidden_size=3584),
+                vocab_size=152064,
+                hidden_size=3584,
+                intermediate_size=18944,
+                num_hidden_layers=28,
+                num_attention_heads=28,
+                num_key_value_heads=4,
+                tie_word_embeddings=False,
+            ).validate()
+        raise ValueError(f"unknown Qwen2-VL preset {name!r}; choose one of 'tiny', '2b', '7b'")
+
+    def replace(self, **changes) -> "Qwen2VLConfig":
+        """A copy with some fields changed (``vision=`` may be a dict of vision fields to change)."""
+        new = copy.deepcopy(self)
+        vision = changes.pop("vision", None)
+        if isinstance(vision, dict):
+            new.vision = dataclasses.replace(new.vision, **vision)
+        elif vision is not None:
+            new.vision = vision
+        return dataclasses.replace(new, **changes).validate()
+
+    # ---- HF config.json ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "Qwen2VLConfig":
+        """Reads HF's Qwen2-VL config dict, 4.x (flat) or 5.x (``text_config``) layout."""
+        text = dict(d)
+        text.update(d.get("text_config") or {})
+        names = {f.name for f in dataclasses.fields(cls)} - {"vision", "mrope_section", "rope_theta", "dtype"}
+        kwargs = {k: text[k] for k in names if text.get(k) is not None}
+        for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if d.get(k) is not None:  # the outer values win: 5.x keeps them only at the top level
+                kwargs[k] = d[k]
+        if "tie_word_embeddings" in d:
+            kwargs["tie_word_embeddings"] = bool(d["tie_word_embeddings"] or text.get("tie_word_embeddings", False))
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        if rope.get("mrope_section") is not None:
+            kwargs["mrope_section"] = list(rope["mrope_section"])
+        theta = rope.get("rope_theta", text.get("rope_theta"))
+        if theta is not None:
+            kwargs["rope_theta"] = float(theta)
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        dtype = d.get("dtype") or d.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+        vision = dict(d.get("vision_config") or {})
+        vision.setdefault("hidden_size", kwargs.get("hidden_size", cls.hidden_size))
+        return cls(vision=Qwen2VLVisionConfig.from_hf_dict(vision), dtype=dtype, **kwargs).validate()
+
+    def to_hf_dict(self) -> dict:
+        """HF 5.x layout (``text_config``, ``vision_config``, ``rope_parameters``)."""
+        text = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": list(self.mrope_section),
+                "rope_theta": self.rope_theta,
+            },
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "use_sliding_window": False,
+            "attention_dropout": 0.0,
+            "model_type": "qwen2_vl_text",
+        }
+        d = {
+            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "model_type": "qwen2_vl",
+            "text_config": text,
+            "vision_config": self.vision.to_hf_dict(),
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
+        if self.dtype is not None:
+            d["dtype"] = self.dtype
+        return d
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "Qwen2VLConfig":
+        path = os.path.join(folder, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"vlfuse: no config.json in {os.fspath(folder)!r}")
+        with open(path, encoding="utf-8") as f:
+            return cls.from_hf_dict(json.load(f))
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.to_hf_dict(), f, indent=2)
