@@ -59,6 +59,12 @@ class Qwen2VL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "Qwen2VL":
+        """Recompute each vision block's and decoder layer's activations in backward instead of storing them."""
+        self.visual.gradient_checkpointing = enabled
+        self.language_model.gradient_checkpointing = enabled
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
@@ -73,6 +79,8 @@ class Qwen2VL(nn.Module):
         ``dtype`` None keeps the checkpoint's dtype (config.json's, else that of its tensors). Every tensor is
         checked (names, shapes, truncation) before any is loaded; a bad checkpoint raises CheckpointError."""
         folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"vlfuse: checkpoint folder {folder!r} does not exist")
         config = Qwen2VLConfig.from_pretrained(folder)
         with torch.device("meta"):
             model = cls(config, backend=backend)

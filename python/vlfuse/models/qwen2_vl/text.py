@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ... import ops, reference
 from .config import Qwen2VLConfig
@@ -121,6 +122,7 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -141,7 +143,10 @@ class TextModel(nn.Module):
             mask = _attention_mask(attention_mask, B, L, past, inputs_embeds.device)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, flat_positions, freqs, mask, cache)
+            if self.gradient_checkpointing and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, flat_positions, freqs, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, flat_positions, freqs, mask, cache)
         if cache is not None:
             cache.length += L
         return self.norm(x)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ... import ops, reference
 from ...nn import PatchEmbed3d, PatchMerger, RotaryAttention2D
@@ -79,6 +80,7 @@ class VisionTransformer(nn.Module):
         )
         self.blocks = nn.ModuleList(VisionBlock(config, backend) for _ in range(config.depth))
         self.merger = PatchMerger(config.hidden_size, config.embed_dim, merge_size=config.spatial_merge_size)
+        self.gradient_checkpointing = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -120,7 +122,10 @@ class VisionTransformer(nn.Module):
             freqs = ops.vision_rope_freqs(c.head_dim, c.rope_theta, device=weight.device)
         cu_seqlens = frame_cu_seqlens(grid_thw.to(weight.device))
         for block in self.blocks:
-            x = block(x, positions, freqs, cu_seqlens)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, positions, freqs, cu_seqlens, use_reentrant=False)
+            else:
+                x = block(x, positions, freqs, cu_seqlens)
         if not eager:
             return self.merger(x, grid_thw)
         merger = self.merger
