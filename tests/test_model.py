@@ -462,3 +462,19 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     checkpointed = grads()
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_matches_cpu(saved, backend):
+    model, folder = saved
+    gpu = Qwen2VL.from_pretrained(folder, backend=backend).cuda()
+    pixels, grid = patches([[1, 4, 6], [2, 2, 2]], model.config)
+    ids = prompt([3, ("image", [1, 4, 6]), 2, ("image", [2, 2, 2]), 4])
+    expected = model(ids, pixel_values=pixels, image_grid_thw=grid).logits
+    got = gpu(ids.cuda(), pixel_values=pixels.cuda(), image_grid_thw=grid.cuda()).logits
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+    a = model.generate(ids, pixel_values=pixels, image_grid_thw=grid, max_new_tokens=8, eos_token_id=[])
+    b = gpu.generate(ids.cuda(), pixel_values=pixels.cuda(), image_grid_thw=grid.cuda(), max_new_tokens=8,
+                     eos_token_id=[])
+    assert torch.equal(a, b.cpu())

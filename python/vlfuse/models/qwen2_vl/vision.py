@@ -113,7 +113,7 @@ class VisionTransformer(nn.Module):
         eager = self.backend == "eager"
         weight = self.patch_embed.proj.weight
         if eager:
-            x = reference.patch_embed(pixel_values, weight)
+            x = reference.patch_embed(pixel_values, weight, self.patch_embed.proj.bias)
             positions = reference.vision_positions(grid_thw.cpu(), c.spatial_merge_size).to(weight.device)
             freqs = reference.vision_rope_freqs(c.head_dim, c.rope_theta).to(weight.device)
         else:
@@ -130,6 +130,12 @@ class VisionTransformer(nn.Module):
             return self.merger(x, grid_thw)
         merger = self.merger
         merged = reference.merge2x2(
-            x, grid_thw, merger.ln_q.weight, merger.ln_q.bias, eps=merger.ln_q.eps, merge_size=c.spatial_merge_size
+            x,
+            grid_thw,
+            merger.ln_q.weight,
+            getattr(merger.ln_q, "bias", None),
+            eps=merger.ln_q.eps,
+            norm=merger.norm,
+            merge_size=c.spatial_merge_size,
         )
         return merger.mlp[2](F.gelu(merger.mlp[0](merged)))
