@@ -65,14 +65,21 @@ class Qwen2VLProcessor:
 
     # ---- pixels --------------------------------------------------------------------------------------------------
 
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """smart_resize's (height, width) for an image of this size; too small an image is an error."""
+        if height < self.factor or width < self.factor:
+            raise ValueError(
+                f"the image is too small: {height}x{width} pixels; Qwen2-VL needs both sides of at least "
+                f"{self.factor} pixels"
+            )
+        return ops.smart_resize(
+            height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+        )
+
     def _resize(self, frames: Tensor) -> Tensor:
         """[T, 3, H, W] -> [T, 3, H', W'] with H', W' from smart_resize (multiples of patch * merge)."""
         H, W = frames.shape[-2:]
-        if H < self.factor or W < self.factor:
-            raise ValueError(
-                f"the image is too small: {H}x{W} pixels; Qwen2-VL needs both sides of at least {self.factor} pixels"
-            )
-        h, w = ops.smart_resize(H, W, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        h, w = self.target_size(H, W)
         if (h, w) == (H, W):
             return frames
         is_uint8 = frames.dtype == torch.uint8
@@ -91,7 +98,14 @@ class Qwen2VLProcessor:
         )
 
     def process_image(self, image) -> tuple[Tensor, Tensor]:
-        """One image -> patches [h * w, C * Tp * P * P] float32 and grid_thw [1, 3]."""
+        """One image -> patches [h * w, C * Tp * P * P] float32 and grid_thw [1, 3]. PIL images are resized by PIL
+        (bicubic, as HF's Qwen2-VL image processor does), tensors by torch (bicubic, antialiased)."""
+        if not isinstance(image, Tensor) and hasattr(image, "resize"):
+            h, w = self.target_size(image.height, image.width)
+            if (h, w) != (image.height, image.width):
+                from PIL import Image
+
+                image = image.convert("RGB").resize((w, h), Image.Resampling.BICUBIC)
         return self._patchify(_to_frames(image).unsqueeze(0))
 
     def process_video(self, frames: Tensor) -> tuple[Tensor, Tensor]:

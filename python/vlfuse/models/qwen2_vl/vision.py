@@ -86,6 +86,14 @@ class VisionTransformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_embed.proj.weight.dtype
 
+    def rope_freqs(self, device: torch.device) -> Tensor:
+        """[2, head_dim / 2] float32 RoPE-2D frequency matrix (h pairs, then w pairs). Computed per call rather than
+        held as a buffer, which ``model.to(bfloat16)`` would round; override it to change the rotation."""
+        c = self.config
+        if self.backend == "eager":
+            return reference.vision_rope_freqs(c.head_dim, c.rope_theta).to(device)
+        return ops.vision_rope_freqs(c.head_dim, c.rope_theta, device=device)
+
     def check_grid(self, pixel_values: Tensor, grid_thw: Tensor) -> None:
         """Clear errors for grids that do not describe pixel_values (shapes are static, so no device sync)."""
         c = self.config
@@ -115,11 +123,10 @@ class VisionTransformer(nn.Module):
         if eager:
             x = reference.patch_embed(pixel_values, weight, self.patch_embed.proj.bias)
             positions = reference.vision_positions(grid_thw.cpu(), c.spatial_merge_size).to(weight.device)
-            freqs = reference.vision_rope_freqs(c.head_dim, c.rope_theta).to(weight.device)
         else:
             x = self.patch_embed(pixel_values)
             positions = ops.vision_positions(grid_thw.to(weight.device), c.spatial_merge_size)
-            freqs = ops.vision_rope_freqs(c.head_dim, c.rope_theta, device=weight.device)
+        freqs = self.rope_freqs(weight.device)
         cu_seqlens = frame_cu_seqlens(grid_thw.to(weight.device))
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
