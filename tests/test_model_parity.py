@@ -172,3 +172,15 @@ def test_vlfuse_checkpoint_loads_in_transformers(tmp_path, tie):
     inputs = _case("two_images", config)
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, _hf_logits(hf.eval(), inputs), atol=1e-5, rtol=0)
+
+
+def test_hf_checkpoint_with_tied_embeddings_loads(tmp_path):
+    """transformers omits lm_head.weight when the head is tied (as Qwen2-VL-2B is); vlfuse ties it back."""
+    config = tiny_config(tie=True)
+    hf = hf_model(config)
+    hf.save_pretrained(tmp_path)
+    model = Qwen2VL.from_pretrained(tmp_path)
+    assert model.lm_head.weight is model.language_model.embed_tokens.weight
+    inputs = _case("image", config)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, _hf_logits(hf, inputs), atol=FP32_LOGITS_ATOL, rtol=0)
