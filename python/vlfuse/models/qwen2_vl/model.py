@@ -59,15 +59,15 @@ class Qwen2VL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
     def set_gradient_checkpointing(self, enabled: bool = True) -> "Qwen2VL":
         """Recompute each vision block's and decoder layer's activations in backward instead of storing them."""
         self.visual.gradient_checkpointing = enabled
         self.language_model.gradient_checkpointing = enabled
         return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
 
     # ---- loading and saving ------------------------------------------------------------------------------------
 
@@ -87,6 +87,8 @@ class Qwen2VL(nn.Module):
         expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
         state = read_state_dict(folder, expected, tied=config.tie_word_embeddings)
         if isinstance(dtype, str):
+            if dtype not in _DTYPES:
+                raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or a torch.dtype, got {dtype!r}")
             dtype = _DTYPES[dtype]
         if dtype is None:
             dtype = _DTYPES.get(config.dtype or "") or next(iter(state.values())).dtype
