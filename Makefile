@@ -11,7 +11,7 @@ JOBS ?= $(shell nproc)
 export VLFUSE_CUDA
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 
-.PHONY: all venv install inplace demo test test-cuda test-asan fuzz bench clean
+.PHONY: all venv install inplace demo test test-hf4 test-cuda test-asan fuzz bench clean
 
 all: install
 
@@ -43,6 +43,13 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# vlfuse.patch against transformers 4.57 (the venv holds 5.x): pip --target puts 4.57.6 and the hub/tokenizers
+# versions it pins into build/hf4, first on PYTHONPATH, so the venv's torch is reused instead of a second venv.
+HF4_DEPS := "transformers==4.57.6" "huggingface_hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0" requests urllib3 idna charset_normalizer certifi
+test-hf4: install
+	$(PIP) install -q --no-deps --upgrade --target build/hf4 $(HF4_DEPS)
+	PYTHONPATH=build/hf4 $(PY) -m pytest tests/test_patch.py -q -p no:cacheprovider
 
 test-cuda: install
 	$(PY) -m pytest tests -q -m cuda

@@ -1,0 +1,306 @@
+"""vlfuse.patch: HF transformers' Qwen2-VL / Qwen2.5-VL run on vlfuse ops, patched vs unpatched on the same inputs.
+
+Small random models (no network), two images of different grids and a video with an odd number of temporal
+patches in one prompt. Qwen2.5-VL's config makes its window attention reorder tokens (windows smaller than the
+second image) and mixes windowed and full-attention blocks.
+
+transformers versions: the venv has 5.18; `make test-hf4` runs this file against transformers 4.57.6, installed with
+pip --target into build/hf4 and put first on PYTHONPATH, so it reuses the venv's torch instead of a second venv.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import vlfuse
+import vlfuse.patch
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE, VIDEO, VISION_START, VISION_END = 120, 121, 122, 123
+IMAGE_GRIDS = [[1, 4, 6], [1, 8, 12]]
+VIDEO_GRIDS = [[3, 4, 4]]  # odd number of temporal patches
+PATCH_DIM = 3 * 2 * 14 * 14
+
+FAMILIES = {
+    "qwen2_vl": (vlfuse.patch.qwen2_vl, "Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": (vlfuse.patch.qwen2_5_vl, "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+}
+MODELING = {
+    "qwen2_vl": ("transformers.models.qwen2_vl.modeling_qwen2_vl", "PatchEmbed", "PatchMerger"),
+    "qwen2_5_vl": (
+        "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
+        "Qwen2_5_VisionPatchEmbed",
+        "Qwen2_5_VLPatchMerger",
+    ),
+}
+
+
+def _config(family: str):
+    text = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )  # fmt: skip
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2)
+    else:
+        # window_size 56 px = 2x2 merged tokens per window: the 8x12 image splits into 6 windows. Block 0 windowed,
+        # block 1 full.
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, window_size=56,
+            fullatt_block_indexes=[1],
+        )  # fmt: skip
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+               vision_end_token_id=VISION_END)  # fmt: skip
+    return getattr(transformers, FAMILIES[family][1])(text_config=text, vision_config=vision, **ids, **text)
+
+
+def _model(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(transformers, FAMILIES[family][2])(_config(family)).float().eval()
+    with torch.no_grad():
+        # HF's init (std 0.02) leaves the vision features nearly invisible in the logits; larger weights make the
+        # logits depend on every vision piece.
+        for name, param in model.named_parameters():
+            if param.dim() > 1 or "ln_q" in name:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def _inputs() -> dict:
+    torch.manual_seed(1)
+    grids = torch.tensor(IMAGE_GRIDS), torch.tensor(VIDEO_GRIDS)
+    ids, types = [5, 6], [0, 0]
+    for grid, token, kind in [(g, IMAGE, 1) for g in IMAGE_GRIDS] + [(g, VIDEO, 2) for g in VIDEO_GRIDS]:
+        count = grid[0] * grid[1] * grid[2] // 4
+        ids += [VISION_START] + [token] * count + [VISION_END, 7]
+        types += [0] + [kind] * count + [0, 0]
+    inputs = dict(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pixel_values=torch.randn(int(grids[0].prod(-1).sum()), PATCH_DIM),
+        image_grid_thw=grids[0],
+        pixel_values_videos=torch.randn(int(grids[1].prod(-1).sum()), PATCH_DIM),
+        video_grid_thw=grids[1],
+    )
+    # transformers 5.x asks for the token types when grids are passed; 4.57 derives them itself.
+    model_forward = transformers.Qwen2VLModel.forward
+    if "mm_token_type_ids" in inspect.signature(model_forward).parameters:
+        inputs["mm_token_type_ids"] = torch.tensor([types])
+    return inputs
+
+
+def _vision(model: nn.Module) -> nn.Module:
+    return model.model.visual
+
+
+def _vision_out(model: nn.Module, inputs: dict) -> torch.Tensor:
+    # The merged tokens handed to the LLM, images then video. The tower returns a tensor in 4.57 and an output
+    # object (merged tokens in pooler_output) in 5.x.
+    outs = []
+    for pixels, grid in ((inputs["pixel_values"], inputs["image_grid_thw"]),
+                         (inputs["pixel_values_videos"], inputs["video_grid_thw"])):  # fmt: skip
+        out = _vision(model)(pixels, grid_thw=grid)
+        outs.append(out if isinstance(out, torch.Tensor) else out.pooler_output)
+    return torch.cat(outs)
+
+
+@pytest.fixture(autouse=True)
+def _undo_class_patches():
+    yield
+    vlfuse.patch.revert()
+
+
+@pytest.fixture
+def ops_calls(monkeypatch):
+    """Counts the calls of the three vlfuse ops the patch routes through (proof that the patched path ran)."""
+    calls = {"patch_embed": 0, "rope_cos_sin": 0, "merge2x2": 0}
+
+    def counting(name):
+        op = getattr(vlfuse.ops, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return op(*args, **kwargs)
+
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(vlfuse.ops, name, counting(name))
+    return calls
+
+
+def _state(model: nn.Module) -> dict:
+    return {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
+
+
+def _assert_state_unchanged(model: nn.Module, before: dict, same_storage: bool = True) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, (value, ptr) in before.items():
+        assert torch.equal(after[key], value), key
+        assert after[key].data_ptr() == ptr or not same_storage, key
+
+
+# ---- forward parity, state dict, revert ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_instance_patch_logits_match_and_revert(family, ops_calls):
+    model, inputs = _model(family), _inputs()
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_vision = _vision_out(model, inputs)
+    before = _state(model)
+
+    assert FAMILIES[family][0](model) is model
+    _assert_state_unchanged(model, before)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        vision = _vision_out(model, inputs)
+    assert ops_calls["patch_embed"] > 0 and ops_calls["merge2x2"] > 0
+    assert ops_calls["rope_cos_sin"] >= 2 * _vision(model).config.depth
+    torch.testing.assert_close(vision, ref_vision, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+    _assert_state_unchanged(model, before)
+
+    vlfuse.patch.revert(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    calls = dict(ops_calls)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref_logits)
+    assert ops_calls == calls
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_class_patch_applies_to_models_built_after_and_reverts(family, ops_calls):
+    module_name, embed_name, merger_name = MODELING[family]
+    modeling = sys.modules[module_name]
+    originals = (
+        getattr(modeling, embed_name).forward,
+        getattr(modeling, merger_name).forward,
+        modeling.apply_rotary_pos_emb_vision,
+    )
+    reference, inputs = _model(family), _inputs()
+    with torch.no_grad():
+        ref_logits = reference(**inputs).logits
+
+    assert FAMILIES[family][0]() is None
+    patched = (
+        getattr(modeling, embed_name).forward,
+        getattr(modeling, merger_name).forward,
+        modeling.apply_rotary_pos_emb_vision,
+    )
+    assert all(p is not o for p, o in zip(patched, originals))
+    model = _model(family)  # built after the patch, same seed: same weights
+    _assert_state_unchanged(model, _state(reference), same_storage=False)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert min(ops_calls.values()) > 0
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+
+    vlfuse.patch.revert()
+    restored = (
+        getattr(modeling, embed_name).forward,
+        getattr(modeling, merger_name).forward,
+        modeling.apply_rotary_pos_emb_vision,
+    )
+    assert all(r is o for r, o in zip(restored, originals))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref_logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_gradients_match(family):
+    inputs = _inputs()
+    grads = []
+    for patch in (False, True):
+        model = _model(family).train()
+        if patch:
+            FAMILIES[family][0](model)
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    ref, got = grads
+    assert list(got) == list(ref)
+    assert any("patch_embed" in n for n in ref) and any("merger" in n for n in ref)
+    for name in ref:
+        # fp32 throughout; the fused ops sum in another order than Conv3d / LayerNorm / HF's rotary.
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_tokens_identical(family):
+    model, inputs = _model(family), _inputs()
+    prompt = inputs["input_ids"].shape[1]
+    # 4.57 takes no mm_token_type_ids in generate's later steps either; 5.x extends them itself.
+    reference = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    FAMILIES[family][0](model)
+    tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert reference.shape[1] > prompt
+    assert torch.equal(tokens, reference)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_vision_tower_error_within_hf_own_rounding(family):
+    """In bf16, the patched tower is as close to the fp32 tower as HF's own bf16 tower is (within 1.5x)."""
+    model, inputs = _model(family), _inputs()
+    with torch.no_grad():
+        exact = _vision_out(model, inputs)
+        model.to(torch.bfloat16)
+        hf_error = (_vision_out(model, inputs).float() - exact).abs().max()
+        FAMILIES[family][0](model)
+        error = (_vision_out(model, inputs).float() - exact).abs().max()
+    assert error <= 1.5 * hf_error
+
+
+# ---- pieces, families, errors ----------------------------------------------------------------------------------
+
+
+def test_pieces_can_be_chosen(ops_calls):
+    model, inputs = _model("qwen2_vl"), _inputs()
+    vlfuse.patch.qwen2_vl(model, patch_embed=False, merger=False)
+    with torch.no_grad():
+        _vision_out(model, inputs)
+    assert ops_calls["rope_cos_sin"] > 0 and ops_calls["patch_embed"] == 0 and ops_calls["merge2x2"] == 0
+
+
+def test_patching_the_vision_tower_alone(ops_calls):
+    model, inputs = _model("qwen2_5_vl"), _inputs()
+    with torch.no_grad():
+        ref = _vision_out(model, inputs)
+        vlfuse.patch.qwen2_5_vl(_vision(model))
+        torch.testing.assert_close(_vision_out(model, inputs), ref, rtol=1e-4, atol=1e-4)
+    assert min(ops_calls.values()) > 0
+
+
+def test_instance_patch_leaves_other_models_alone(ops_calls):
+    patched, other, inputs = _model("qwen2_vl"), _model("qwen2_vl"), _inputs()
+    vlfuse.patch.qwen2_vl(patched)
+    with torch.no_grad():
+        _vision_out(other, inputs)
+    assert ops_calls == {"patch_embed": 0, "rope_cos_sin": 0, "merge2x2": 0}
+
+
+def test_wrong_family_is_a_clear_error():
+    with pytest.raises(ValueError, match="no Qwen2-VL vision module"):
+        vlfuse.patch.qwen2_vl(_model("qwen2_5_vl"))
+    with pytest.raises(ValueError, match="no Qwen2.5-VL vision module"):
+        vlfuse.patch.qwen2_5_vl(nn.Linear(2, 2))
+
+
+def test_missing_transformers_is_a_clear_import_error(monkeypatch):
+    for name in list(sys.modules):
+        if name == "transformers" or name.startswith("transformers."):
+            monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match="needs HF transformers"):
+        vlfuse.patch.qwen2_vl()
+    with pytest.raises(ImportError, match="needs HF transformers"):
+        vlfuse.patch.qwen2_5_vl(nn.Linear(2, 2))
