@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import types
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from . import ops
@@ -97,13 +97,11 @@ def _norm_args(ln_q: nn.Module, norm: str) -> dict:
 
 def _merger_forward(self: nn.Module, x: Tensor, norm: str) -> Tensor:
     # x: [S, C] tokens in merge order (each m x m window adjacent) -> [S / m^2, out_dim]
-    channels = x.shape[-1]
-    merge_size = int(round((self.hidden_size // channels) ** 0.5))
-    # The merger sees no grid; in merge order the grid only has to cover the S tokens with whole windows.
-    grid_thw = torch.tensor([[1, merge_size, x.shape[0] // merge_size]], device=x.device)
+    merge_size = math.isqrt(self.hidden_size // x.shape[-1])
+    # HF's merger gets no grid: in merge order each window's tokens are adjacent, so none is needed.
     merged = ops.merge2x2(
-        x, grid_thw, self.ln_q.weight, order="merge", merge_size=merge_size, **_norm_args(self.ln_q, norm)
-    )
+        x, None, self.ln_q.weight, order="merge", merge_size=merge_size, **_norm_args(self.ln_q, norm)
+    )  # [S / m^2, m^2 * C]
     return self.mlp(merged)
 
 
@@ -185,11 +183,8 @@ def _set_forward(module: nn.Module, forward: types.FunctionType) -> None:
 
 def _is_vlfuse_forward(module: nn.Module) -> bool:
     bound = module.__dict__.get("forward")
-    return isinstance(bound, types.MethodType) and bound.__func__ in _VLFUSE_FORWARDS()
-
-
-def _VLFUSE_FORWARDS() -> set:
-    return {_patch_embed_forward, *_MERGER_FORWARDS.values(), *_ATTENTION_FORWARDS.values()}
+    ours = {_patch_embed_forward, *_MERGER_FORWARDS.values(), *_ATTENTION_FORWARDS.values()}
+    return isinstance(bound, types.MethodType) and bound.__func__ in ours
 
 
 def _patch(
