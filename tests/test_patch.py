@@ -10,7 +10,9 @@ pip --target into build/hf4 and put first on PYTHONPATH, so it reuses the venv's
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
+import pathlib
 import sys
 
 import pytest
@@ -304,3 +306,17 @@ def test_missing_transformers_is_a_clear_import_error(monkeypatch):
         vlfuse.patch.qwen2_vl()
     with pytest.raises(ImportError, match="needs HF transformers"):
         vlfuse.patch.qwen2_5_vl(nn.Linear(2, 2))
+
+
+# ---- the standalone-module route: examples/timm_rope2d.py --------------------------------------------------------
+
+
+def test_timm_vit_to_rope2d_example(capsys):
+    pytest.importorskip("timm")
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "timm_rope2d.py"
+    spec = importlib.util.spec_from_file_location("timm_rope2d", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    # checks vlfuse vs plain PyTorch inside, with two images of different sizes, and runs a backward
+    example.main(["--embed-dim", "64", "--depth", "2", "--heads", "2", "--out-dim", "32", "--sizes", "64x64,32x96"])
+    assert "output (7, 32)" in capsys.readouterr().out  # 4x4 and 2x6 patches -> 4 + 3 merged tokens
