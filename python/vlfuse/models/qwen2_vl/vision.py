@@ -115,16 +115,29 @@ class VisionTransformer(nn.Module):
                 f"{pixel_values.shape[0]}"
             )
 
+    def _embed_patches(self, pixel_values: Tensor) -> Tensor:
+        """[N, C * Tp * P * P] -> [N, embed_dim]. Under autocast the weight is cast here, as autocast would cast a
+        Linear's: the patch_embed op has no autocast rule, and its GEMM would otherwise autocast inside the kernel
+        while its autograd keeps the float32 weight, so that backward would mix dtypes."""
+        weight, bias = self.patch_embed.proj.weight, self.patch_embed.proj.bias
+        device_type = weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        if self.backend == "eager":
+            return reference.patch_embed(pixel_values, weight, bias)
+        return ops.patch_embed(pixel_values, weight, bias)
+
     def forward(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
         self.check_grid(pixel_values, grid_thw)
         c = self.config
         eager = self.backend == "eager"
         weight = self.patch_embed.proj.weight
+        x = self._embed_patches(pixel_values)
         if eager:
-            x = reference.patch_embed(pixel_values, weight, self.patch_embed.proj.bias)
             positions = reference.vision_positions(grid_thw.cpu(), c.spatial_merge_size).to(weight.device)
         else:
-            x = self.patch_embed(pixel_values)
             positions = ops.vision_positions(grid_thw.to(weight.device), c.spatial_merge_size)
         freqs = self.rope_freqs(weight.device)
         cu_seqlens = frame_cu_seqlens(grid_thw.to(weight.device))
