@@ -23,6 +23,9 @@ def frames(t=1, c=3, h=28, w=28, dtype=torch.uint8):
 
 
 PATCHES = torch.randn(3, 3 * 2 * 14 * 14)
+X = torch.randn(8, 6)  # two 2x2 windows
+GRID = torch.tensor([[2, 2, 2]])
+LN_W, LN_B = torch.ones(6), torch.zeros(6)
 WEIGHT = torch.randn(8, 3, 2, 14, 14)
 
 CASES = [
@@ -91,6 +94,26 @@ CASES = [
     ("patch_embed 1-D weight", lambda: ops.patch_embed(PATCHES, WEIGHT.flatten()), ValueError, ["weight", "Conv3d"]),
     ("patch_embed bias shape", lambda: ops.patch_embed(PATCHES, WEIGHT, torch.randn(7)), ValueError, ["bias", "[E] = [8]"]),
     ("patch_embed bias dtype", lambda: ops.patch_embed(PATCHES, WEIGHT, torch.randn(8).double()), TypeError, ["bias has dtype"]),
+    # ---- merge2x2 ----
+    ("merge2x2 int x", lambda: ops.merge2x2(X.long(), GRID, LN_W), TypeError, ["x", "float32"]),
+    ("merge2x2 1-D x", lambda: ops.merge2x2(X[0], GRID, LN_W), ValueError, ["x", "2-D"]),
+    ("merge2x2 tokens not m^2", lambda: ops.merge2x2(X[:7], GRID, LN_W), ValueError, ["x has 7 tokens", "merge_size^2"]),
+    ("merge2x2 no channels", lambda: ops.merge2x2(X[:, :0], GRID, LN_W[:0]), ValueError, ["x", "at least one channel"]),
+    ("merge2x2 merge_size 0", lambda: ops.merge2x2(X, GRID, LN_W, merge_size=0), ValueError, ["merge_size", ">= 1"]),
+    ("merge2x2 norm", lambda: ops.merge2x2(X, GRID, LN_W, norm="batchnorm"), ValueError, ["norm", "rmsnorm"]),
+    ("merge2x2 order", lambda: ops.merge2x2(X, GRID, LN_W, order="zigzag"), ValueError, ["order", "raster"]),
+    ("merge2x2 eps", lambda: ops.merge2x2(X, GRID, LN_W, eps=-1.0), ValueError, ["eps", ">= 0"]),
+    ("merge2x2 eps nan", lambda: ops.merge2x2(X, GRID, LN_W, eps=float("nan")), ValueError, ["eps", "finite"]),
+    ("merge2x2 weight shape", lambda: ops.merge2x2(X, GRID, LN_W[:5]), ValueError, ["weight", "[channels] = [6]"]),
+    ("merge2x2 bias shape", lambda: ops.merge2x2(X, GRID, LN_W, LN_B[:2]), ValueError, ["bias", "[channels]"]),
+    ("merge2x2 rmsnorm bias", lambda: ops.merge2x2(X, GRID, LN_W, LN_B, norm="rmsnorm"), ValueError, ["bias must be None", "rmsnorm"]),
+    ("merge2x2 raster no grid", lambda: ops.merge2x2(X, None, LN_W, order="raster"), ValueError, ["grid_thw is required", "raster"]),
+    ("merge2x2 grid dtype", lambda: ops.merge2x2(X, GRID.float(), LN_W), TypeError, ["grid_thw", "int64"]),
+    ("merge2x2 grid shape", lambda: ops.merge2x2(X, GRID[0], LN_W), ValueError, ["grid_thw", "[items, 3]"]),
+    ("merge2x2 grid odd", lambda: ops.merge2x2(X, torch.tensor([[2, 1, 4]]), LN_W), ValueError, ["grid_thw row 0", "merge_size = 2"]),
+    ("merge2x2 grid negative", lambda: ops.merge2x2(X, torch.tensor([[-2, 2, 2]]), LN_W), ValueError, ["grid_thw row 0", "negative"]),
+    ("merge2x2 grid tokens", lambda: ops.merge2x2(X, torch.tensor([[1, 2, 2]]), LN_W), ValueError, ["describes 4 tokens", "x has 8"]),
+    ("merge2x2 grid tokens raster", lambda: ops.merge2x2(X, torch.tensor([[3, 2, 2]]), LN_W, order="raster"), ValueError, ["describes 12 tokens"]),
     ("smart_resize zero", lambda: ops.smart_resize(0, 100), ValueError, ["height and width", "positive"]),
     ("smart_resize aspect", lambda: ops.smart_resize(28, 28 * 300), ValueError, ["aspect ratio"]),
 ]
@@ -119,6 +142,8 @@ def test_device_mix_is_rejected():
         ops.rope_qkv(qkv, POS.cuda(), F, 2)
     with pytest.raises(RuntimeError, match="weight is on"):
         ops.patch_embed(PATCHES.cuda(), WEIGHT)
+    with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
+        ops.merge2x2(X.cuda(), GRID, LN_W)
     with pytest.raises(RuntimeError, match="frames\\[1\\] is on"):
         ops.patchify([frames().cuda(), frames()])
 
@@ -132,3 +157,8 @@ def test_nan_and_inf_propagate():
     assert torch.isfinite(q[2:]).all() and torch.isfinite(k).all()
     out = ops.patch_embed(torch.full_like(PATCHES, float("nan")), WEIGHT)
     assert torch.isnan(out).all()
+    x = X.clone()
+    x[1, 2] = float("inf")
+    merged = ops.merge2x2(x, GRID, LN_W, LN_B)
+    assert torch.isnan(merged[0, 6:12]).all()  # the token's own statistics become NaN: visible, not hidden
+    assert torch.isfinite(merged[1]).all() and torch.isfinite(merged[0, :6]).all()

@@ -99,3 +99,26 @@ def test_patchify_and_embed(grid, dtype, data):
     exp = ref.patch_embed(patches, weight)
     # a 1176-term dot product: float32 accumulation order differs between the GEMM libraries
     torch.testing.assert_close(got, exp, **tol(dtype, scale=64))
+
+
+@fuzz
+# C >= 4: a norm over one or two channels has variance ~0, and rstd = 1/sqrt(eps) amplifies rounding 1000x
+@given(m=st.integers(1, 3), C=st.integers(4, 48), dtype=DTYPES, norm=st.sampled_from(["layernorm", "rmsnorm"]),
+       order=st.sampled_from(["merge", "raster"]), data=st.data())
+def test_merge2x2_forward_backward(m, C, dtype, norm, order, data):
+    grid = data.draw(grids(merge_size=m, max_side=12 * m))
+    S = tokens(grid)
+    x = strided((torch.randn(S, C) * 3 + 1).to(dtype), data.draw)
+    weight = torch.randn(C)
+    bias = torch.randn(C) if norm == "layernorm" else None
+    got = ops.merge2x2(x, grid, weight, bias, norm=norm, order=order, merge_size=m)
+    want = ref.merge2x2(x, grid, weight, bias, norm=norm, order=order, merge_size=m)
+    torch.testing.assert_close(got, want, **tol(dtype, scale=8))
+    xs = [x.float().detach().requires_grad_() for _ in range(2)]
+    ws = [weight.clone().requires_grad_() for _ in range(2)]
+    g = torch.randn(S // (m * m), m * m * C)
+    ops.merge2x2(xs[0], grid, ws[0], bias, norm=norm, order=order, merge_size=m).backward(g)
+    ref.merge2x2(xs[1], grid, ws[1], bias, norm=norm, order=order, merge_size=m).backward(g)
+    # the weight gradient sums over every token: float32 accumulation order differs with S
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol(torch.float32, scale=16))
+    torch.testing.assert_close(ws[0].grad, ws[1].grad, **tol(torch.float32, scale=max(16, S // 4)))
