@@ -1,0 +1,88 @@
+"""The machine a run measures: its name, threads and versions, and its limits measured in the same run
+(copy bandwidth and GEMM throughput), plus the per-case limit references the runner times alongside each case."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+
+import torch
+
+from .timing import TimingConfig, time_interleaved
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_slug(device: torch.device) -> str:
+    """A file-name-safe name for benchmarks/results/<slug>.json, e.g. "cpu-amd-epyc-9r14" or "cuda-nvidia-h100"."""
+    name = device_name(device).lower()
+    keep = "".join(ch if ch.isalnum() else "-" for ch in name)
+    words = [w for w in keep.split("-") if w and w not in {"r", "tm", "processor", "cpu", "with", "core", "80gb", "hbm3"}]
+    return "-".join([device.type] + words[:4])
+
+
+def copy_reference(nbytes: float, device: torch.device) -> Callable[[], torch.Tensor]:
+    """A copy that moves `nbytes` in all (reads nbytes/2, writes nbytes/2): the bandwidth limit for a
+    memory-bound op that moves as many bytes, measured on a buffer of the same size because caches matter."""
+    count = max(1, int(nbytes // 2) // 4)
+    source = torch.rand(count, device=device)
+    destination = torch.empty_like(source)
+    return lambda: destination.copy_(source)
+
+
+def machine_info(device: torch.device, measure_limits: bool, quick: bool) -> dict:
+    import vlfuse
+
+    info = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "slug": device_slug(device),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "vlfuse": vlfuse.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if device.type == "cpu":
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if measure_limits:
+        info.update(measure_machine_limits(device, quick))
+    return info
+
+
+def measure_machine_limits(device: torch.device, quick: bool) -> dict:
+    """Copy bandwidth for a buffer larger than the caches, and square-GEMM throughput per dtype."""
+    config = TimingConfig(warmup=1, repeats=3 if quick else 5, min_sample_s=0.02)
+    copy_bytes = (64 if quick else 256) * 2**20
+    n = 512 if quick else 1024
+    fns: dict[str, Callable[[], object]] = {"copy": copy_reference(copy_bytes, device)}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if device.type == "cuda":
+        dtypes["float16"] = torch.float16
+    for name, dtype in dtypes.items():
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        fns[name] = lambda a=a, b=b: torch.mm(a, b)
+    seconds = time_interleaved(fns, device, config)
+    return {
+        "copy_gbs": copy_bytes / seconds.pop("copy") / 1e9,
+        "copy_buffer_mib": copy_bytes / 2**20,
+        "gemm_tflops": {name: 2 * n**3 / s / 1e12 for name, s in seconds.items()},
+        "gemm_size": n,
+    }

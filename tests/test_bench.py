@@ -1,0 +1,178 @@
+"""The benchmark runner's machinery on tiny cases: it runs, its JSON has the promised schema, and a wrong result
+is caught before any timing is reported. No timing is asserted anywhere."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import vlfuse  # noqa: F401  (loads the native library)
+from vlfuse.bench import cli, report, runner, suite
+from vlfuse.bench.core import FWD, FWD_BWD, Case, Target, Unavailable
+from vlfuse.bench.memory import peak_bytes
+from vlfuse.bench.rope import build_rope_qkv
+from vlfuse.bench.timing import TimingConfig, time_interleaved
+
+pytest.importorskip("transformers")
+
+TINY_GRID = (("grid", ((1, 4, 4), (2, 4, 6))),)  # an image and a two-frame non-square video: 64 tokens
+FAST = TimingConfig(warmup=1, repeats=3, min_sample_s=0.001, max_case_s=1.0)
+
+
+def _options(**overrides) -> runner.RunOptions:
+    values = dict(timing=FAST, compile=False, measure_limits=False, quick=True, log=lambda line: None)
+    values.update(overrides)
+    return runner.RunOptions(**values)
+
+
+def _tiny_cases() -> list[Case]:
+    target = Target(speedup_eager=1.0)
+    return [
+        Case("rope_qkv", "tiny", torch.float32, FWD, build_rope_qkv, TINY_GRID, target, True),
+        Case("rope_qkv", "tiny", torch.bfloat16, FWD_BWD, build_rope_qkv, TINY_GRID, target, True),
+    ]
+
+
+def _wrong_rope(case, device):
+    """rope_qkv with v perturbed: the kind of bug the check must stop before timing."""
+    setup = build_rope_qkv(case, device)
+    right = setup.vlfuse
+
+    def wrong(qkv):
+        q, k, v = right(qkv)
+        return q, k, v * 1.01
+
+    return dataclasses.replace(setup, vlfuse=wrong)
+
+
+def _unavailable(case, device):
+    raise Unavailable("vlfuse.not_an_op is not in this build")
+
+
+REQUIRED_RECORD_KEYS = {
+    "op", "case", "dtype", "pass", "vlfuse_ms", "eager_ms", "compile_ms",
+    "speedup_eager", "speedup_compile", "pct_of_limit",
+}  # fmt: skip
+
+
+def test_tiny_suite_runs_and_reports():
+    result = runner.run_suite(_tiny_cases(), _options())
+    assert [r["check"] for r in result["results"]] == ["ok", "ok"]
+    for record in result["results"]:
+        assert REQUIRED_RECORD_KEYS <= set(record)
+        assert record["vlfuse_ms"] > 0 and record["eager_ms"] > 0 and record["limit_ms"] > 0
+        assert record["speedup_eager"] == pytest.approx(record["eager_ms"] / record["vlfuse_ms"])
+        assert record["pct_of_limit"] == pytest.approx(100 * record["limit_ms"] / record["vlfuse_ms"])
+        assert record["rate_unit"] == "GB/s" and record["limit_kind"] == "bandwidth"
+        assert record["mem_vlfuse_bytes"] > 0 and record["mem_eager_bytes"] > 0
+        assert record["target_met"] in (True, False)
+    text = report.format_report(result)
+    assert "rope_qkv" in text and "HF eager ms" in text
+
+
+def test_wrong_result_is_caught_before_timing():
+    case = Case("rope_qkv", "tiny wrong", torch.float32, FWD, _wrong_rope, TINY_GRID)
+    grad_case = dataclasses.replace(case, mode=FWD_BWD)
+    result = runner.run_suite([case, grad_case], _options())
+    for record in result["results"]:
+        assert record["check"].startswith("FAIL"), record["check"]
+        assert record["max_err"] > record["tol"]
+        assert record["vlfuse_ms"] is None and record["eager_ms"] is None and record["speedup_eager"] is None
+    assert len(runner.failed(result)) == 2
+
+
+def test_unavailable_op_is_skipped_not_failed():
+    case = Case("not_an_op", "tiny", torch.float32, FWD, _unavailable, TINY_GRID)
+    result = runner.run_suite([case], _options())
+    assert result["results"][0]["check"].startswith("skipped")
+    assert runner.failed(result) == []
+
+
+def test_compile_unavailable_is_noted(monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    record = runner.run_suite(_tiny_cases()[:1], _options(compile=True))["results"][0]
+    assert record["check"] == "ok" and record["compile_ms"] is None and record["speedup_compile"] is None
+    assert any("torch.compile unavailable" in note for note in record["notes"])
+
+
+@pytest.mark.slow
+def test_compiled_baseline_is_timed():
+    record = runner.run_suite(_tiny_cases()[:1], _options(compile=True))["results"][0]
+    assert record["compile_ms"] > 0 and record["speedup_compile"] > 0 and record["compile_s"] > 0
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *argv])
+    return args.func(args)
+
+
+def test_cli_quick_writes_json_and_plot(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(suite, "all_cases", _tiny_cases)
+    json_path, png_path = tmp_path / "out.json", tmp_path / "out.png"
+    code = _cli(["--quick", "--no-compile", "--repeats", "3", "--json", str(json_path), "--plot", str(png_path)])
+    assert code == 0
+    data = json.loads(json_path.read_text())
+    assert {"device", "threads", "torch"} <= set(data["machine"])
+    assert data["machine"]["threads"] == torch.get_num_threads()
+    assert data["machine"]["copy_gbs"] > 0 and set(data["machine"]["gemm_tflops"]) >= {"float32", "bfloat16"}
+    assert isinstance(data["results"], list) and len(data["results"]) == 2
+    for record in data["results"]:
+        assert REQUIRED_RECORD_KEYS <= set(record)
+        assert record["pass"] in ("fwd", "fwd+bwd") and record["dtype"] in ("float32", "bfloat16")
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "rope_qkv" in capsys.readouterr().out
+
+
+def test_cli_exit_code_flags_a_wrong_result(monkeypatch, capsys):
+    monkeypatch.setattr(suite, "all_cases", lambda: [Case("rope_qkv", "tiny wrong", torch.float32, FWD, _wrong_rope, TINY_GRID, quick=True)])
+    assert _cli(["--quick", "--no-compile", "--no-memory", "--repeats", "3"]) == 1
+    assert "failed the correctness check" in capsys.readouterr().out
+
+
+def test_case_selection():
+    cases = suite.all_cases()
+    quick = suite.select(cases, quick=True)
+    assert quick and all(c.quick for c in quick) and len(quick) < len(cases)
+    ops = {c.op for c in cases}
+    assert {"rope_qkv", "patch_embed", "merge2x2"} <= ops
+    picked = suite.select(cases, patterns=["rope_qkv/*/bfloat16/fwd"])
+    assert picked and all(c.op == "rope_qkv" and c.dtype == torch.bfloat16 and c.mode == FWD for c in picked)
+    # the issue's workloads: 1, 4, 16 images of 448x448 and a 16-frame video; both dtypes and passes
+    names = {c.name for c in cases if c.op == "rope_qkv"}
+    assert names == {"1 image 448x448", "4 images 448x448", "16 images 448x448", "video 16f 448x448"}
+    assert {(c.dtype, c.mode) for c in cases if c.op == "merge2x2"} == {
+        (d, m) for d in (torch.float32, torch.bfloat16) for m in (FWD, FWD_BWD)
+    }
+
+
+def test_peak_memory_sees_outputs_and_temporaries():
+    size = 1 << 20
+
+    def allocate():
+        temporary = torch.ones(size, dtype=torch.float32)  # 4 MiB, freed before returning
+        return temporary.sum() + torch.zeros(size // 2, dtype=torch.float32).sum()
+
+    assert peak_bytes(allocate, torch.device("cpu")) >= 4 * size
+
+
+def test_interleaved_timing_times_every_function():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        def fn():
+            calls[name] += 1
+
+        return fn
+
+    seconds = time_interleaved({"a": make("a"), "b": make("b")}, torch.device("cpu"), FAST)
+    assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
+    assert calls["a"] > FAST.repeats and calls["b"] > FAST.repeats
