@@ -71,6 +71,41 @@ def make_call(
     return forward_backward
 
 
+@dataclass
+class Prepared:
+    """A built case ready to call: each implementation as a zero-argument call in the case's pass."""
+
+    case: Case
+    setup: Setup
+    grad_outputs: list[Tensor]
+
+    def call(self, impl: str) -> Callable[[], list[Tensor]]:
+        """impl: "vlfuse", "eager", or "compile" (torch.compile of the baseline, default mode, compiled on the
+        first call)."""
+        setup = self.setup
+        if impl == "vlfuse":
+            return make_call(setup.vlfuse, setup, self.case.mode, setup.vlfuse_params, self.grad_outputs)
+        if impl == "eager":
+            return make_call(setup.eager, setup, self.case.mode, setup.eager_params, self.grad_outputs)
+        if impl == "compile":
+            torch._dynamo.reset()  # a fresh cache: every case compiles its own specialization
+            compiled = torch.compile(setup.eager, dynamic=False)
+            return make_call(compiled, setup, self.case.mode, setup.eager_params, self.grad_outputs)
+        raise ValueError(f"vlfuse.bench: unknown implementation {impl!r}")
+
+
+def prepare_setup(case: Case, setup: Setup) -> Prepared:
+    """Marks the differentiable args and draws the fixed output gradients of a fwd+bwd case."""
+    grad_outputs: list[Tensor] = []
+    if case.mode == FWD_BWD:
+        for i in setup.grad_args:
+            setup.args[i].requires_grad_(True)
+        with torch.no_grad():
+            outputs = flatten_tensors(setup.eager(*setup.args))
+        grad_outputs = [torch.randn(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
+    return Prepared(case, setup, grad_outputs)
+
+
 def _timed_call(call: Callable[[], list[Tensor]], device: torch.device) -> tuple[list[Tensor], float]:
     synchronize(device)
     begin = time.perf_counter()
@@ -133,19 +168,8 @@ def run_case(case: Case, options: RunOptions) -> dict:
             )
             return record
 
-    if case.mode == FWD_BWD:
-        for i in setup.grad_args:
-            setup.args[i].requires_grad_(True)
-        with torch.no_grad():
-            outputs = flatten_tensors(setup.eager(*setup.args))
-        grad_outputs = [torch.randn(o.shape, dtype=o.dtype, device=o.device) for o in outputs]
-        del outputs
-    else:
-        grad_outputs = []
-    calls = {
-        "vlfuse": make_call(setup.vlfuse, setup, case.mode, setup.vlfuse_params, grad_outputs),
-        "eager": make_call(setup.eager, setup, case.mode, setup.eager_params, grad_outputs),
-    }
+    prepared = prepare_setup(case, setup)
+    calls = {"vlfuse": prepared.call("vlfuse"), "eager": prepared.call("eager")}
 
     # correctness first: no timing is reported for a case whose outputs disagree
     tol = tolerance(case.dtype, setup.tol_scale)
@@ -174,7 +198,7 @@ def run_case(case: Case, options: RunOptions) -> dict:
         return record
 
     if options.compile and setup.compile:
-        compiled = _compile_baseline(setup, case, grad_outputs, expected, tol, record)
+        compiled = _compile_baseline(prepared, expected, tol, record)
         if compiled is not None:
             calls["compile"] = compiled
     elif not setup.compile:
@@ -198,14 +222,12 @@ def run_case(case: Case, options: RunOptions) -> dict:
 
 
 def _compile_baseline(
-    setup: Setup, case: Case, grad_outputs, expected, tol: float, record: dict
+    prepared: Prepared, expected: list[Tensor], tol: float, record: dict
 ) -> Callable[[], list[Tensor]] | None:
     """torch.compile (default mode) of the baseline, compiled by its first call (timed as compile_s) and checked
     against the eager outputs; None, with a note, when compilation is unavailable or disagrees."""
-    torch._dynamo.reset()
     try:
-        compiled_fn = torch.compile(setup.eager, dynamic=False)
-        call = make_call(compiled_fn, setup, case.mode, setup.eager_params, grad_outputs)
+        call = prepared.call("compile")
         begin = time.perf_counter()
         out = call()
         record["compile_s"] = time.perf_counter() - begin
