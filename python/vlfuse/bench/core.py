@@ -36,7 +36,7 @@ class Target:
         if self.speedup_compile is not None:
             parts.append(f">={self.speedup_compile:g}x compile")
         if self.pct_of_limit is not None:
-            parts.append(f">={self.pct_of_limit:g}% limit")
+            parts.append(f">={self.pct_of_limit:.4g}% of limit")
         return ", ".join(parts)
 
     def met(self, record: dict) -> bool | None:

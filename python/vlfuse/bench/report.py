@@ -69,7 +69,7 @@ def machine_lines(machine: dict) -> list[str]:
         f"torch {machine['torch']}, vlfuse {machine['vlfuse']}, transformers {machine.get('transformers')}"
     ]
     if "copy_gbs" in machine:
-        gemm = ", ".join(f"{k} {v:.2f}" for k, v in machine["gemm_tflops"].items())
+        gemm = ", ".join(f"{k} {v:.3g}" for k, v in machine["gemm_tflops"].items())
         lines.append(
             f"measured limits: copy {machine['copy_gbs']:.1f} GB/s ({machine['copy_buffer_mib']:.0f} MiB buffer), "
             f"GEMM {machine['gemm_size']}^3 TFLOP/s: {gemm}"

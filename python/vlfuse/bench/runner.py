@@ -201,8 +201,6 @@ def run_case(case: Case, options: RunOptions) -> dict:
         compiled = _compile_baseline(prepared, expected, tol, record)
         if compiled is not None:
             calls["compile"] = compiled
-    elif not setup.compile:
-        record["notes"].append("torch.compile not run for this case")
     del expected
 
     if options.memory:

@@ -1,0 +1,233 @@
+"""End to end: the Qwen2-VL vision tower (vlfuse model package vs HF's ``Qwen2VisionTransformerPretrainedModel``
+with the same weights, real width; all 32 blocks on a GPU, fewer on a CPU, stated in the shape column), with a
+per-part time breakdown; and a training step (loss + backward) of the ``tiny`` model, vlfuse kernels vs the
+model package's eager backend (the same weights through vlfuse.reference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .core import FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
+from .workloads import LLM_WIDTH, VISION, WORKLOADS, grid_tensor, hf_qwen2_vl, hf_vision_config, tokens
+
+TOWER_TARGET = {torch.bfloat16: Target(speedup_eager=1.2)}  # issue 7, at full width and depth
+CPU_DEPTH = 4  # blocks of the tower on a CPU (a GPU runs all 32)
+
+
+def _model_package():
+    try:
+        from vlfuse.models import qwen2_vl
+    except ImportError as exc:
+        raise Unavailable(f"the vlfuse model package is not in this build ({exc})") from exc
+    return qwen2_vl
+
+
+def tower_gemms(count: int, depth: int, llm_width: int) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every GEMM in one tower forward: patch embedding, per block qkv/proj/fc1/fc2, the merger MLP."""
+    e, mlp = VISION.embed_dim, VISION.embed_dim * VISION.mlp_ratio
+    merged, hidden = count // VISION.merge_size**2, VISION.embed_dim * VISION.merge_size**2
+    per_block = [(count, e, 3 * e), (count, e, e), (count, e, mlp), (count, mlp, e)]
+    return [(count, VISION.patch_dim, e)] + per_block * depth + [(merged, hidden, hidden), (merged, hidden, llm_width)]
+
+
+def _plain_gemms(shapes: list[tuple[int, int, int]], device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
+    operands = {}
+    for m, k, n in set(shapes):
+        operands[(m, k, n)] = (
+            torch.randn(m, k, device=device, dtype=dtype),
+            torch.randn(k, n, device=device, dtype=dtype),
+        )
+
+    def run() -> None:
+        for shape in shapes:
+            torch.mm(*operands[shape])
+
+    return run
+
+
+def _attention_flops(grid, depth: int) -> float:
+    """QK^T and PV within each frame, every block."""
+    per_frame = sum(t * 4 * (h * w) ** 2 * VISION.embed_dim for t, h, w in grid)
+    return float(per_frame * depth)
+
+
+PARTS = {  # module-name suffix -> part (matched against both towers' module names)
+    "patch_embed": "patch embed",
+    "norm1": "LayerNorms",
+    "norm2": "LayerNorms",
+    "attn.qkv": "attention qkv Linear",
+    "attn.proj": "attention proj Linear",
+    "attn": "attention core (rotary, split, SDPA)",
+    "mlp": "MLP",
+    "merger": "merger",
+}
+
+
+def part_breakdown(module: nn.Module, call: Callable[[], object]) -> dict[str, float]:
+    """Milliseconds of one call per part: each part's modules are bracketed by profiler ranges (inclusive times, with
+    the qkv/proj Linears taken out of the attention core and SDPA shown on its own); what no module covers
+    (residual adds, position ids, rotary tables, casts) is "other"."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    handles, open_ranges = [], []
+    for name, sub in module.named_modules():
+        label = next((f"part::{suffix}" for suffix in PARTS if name == suffix or name.endswith("." + suffix)), None)
+        if label is None:
+            continue
+
+        def enter(mod, args, label=label):
+            scope = record_function(label)
+            scope.__enter__()
+            open_ranges.append(scope)
+
+        def leave(mod, args, output):
+            open_ranges.pop().__exit__(None, None, None)
+
+        handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+    try:
+        call()  # warm
+        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]) as prof:
+            with record_function("part::total"):
+                call()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    finally:
+        for handle in handles:
+            handle.remove()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        device_ms = getattr(event, "device_time_total", 0.0) / 1e3
+        ms = max(event.cpu_time_total / 1e3, device_ms)
+        if event.key.startswith("part::"):
+            totals[event.key[6:]] = totals.get(event.key[6:], 0.0) + ms
+        elif event.key == "aten::scaled_dot_product_attention":
+            totals["sdpa"] = totals.get("sdpa", 0.0) + ms
+    parts: dict[str, float] = {}
+    for suffix, part in PARTS.items():
+        parts[part] = parts.get(part, 0.0) + totals.get(suffix, 0.0)
+    core = "attention core (rotary, split, SDPA)"
+    parts[core] -= parts["attention qkv Linear"] + parts["attention proj Linear"]
+    sdpa = min(totals.get("sdpa", 0.0), max(parts[core], 0.0))
+    parts["attention SDPA"] = sdpa
+    parts[core.replace("SDPA", "copies")] = parts.pop(core) - sdpa
+    parts["other"] = totals.get("total", 0.0) - sum(parts.values())
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+def build_vision_tower(case: Case, device: torch.device) -> Setup:
+    hf = hf_qwen2_vl()
+    qwen2_vl = _model_package()
+    depth = VISION.depth if device.type == "cuda" else CPU_DEPTH
+    llm_width = LLM_WIDTH["2B"]
+    grid = case.param("grid")
+    count = tokens(grid)
+    torch.manual_seed(0)
+    hf_tower = hf.Qwen2VisionTransformerPretrainedModel(hf_vision_config(depth=depth, llm_width=llm_width))
+    hf_tower = hf_tower.to(device=device, dtype=case.dtype).eval()
+    config = qwen2_vl.Qwen2VLVisionConfig(
+        depth=depth,
+        embed_dim=VISION.embed_dim,
+        hidden_size=llm_width,
+        num_heads=VISION.num_heads,
+        mlp_ratio=VISION.mlp_ratio,
+        in_channels=VISION.in_channels,
+        patch_size=VISION.patch_size,
+        temporal_patch_size=VISION.temporal_patch_size,
+        spatial_merge_size=VISION.merge_size,
+    )
+    tower = qwen2_vl.VisionTransformer(config, backend="vlfuse").to(device=device, dtype=case.dtype).eval()
+    tower.load_state_dict(hf_tower.state_dict())
+    pixel_values = torch.randn(count, VISION.patch_dim, device=device, dtype=torch.float32)
+    grid_thw = grid_tensor(grid, device)
+
+    def vlfuse_tower(pixel_values):
+        return tower(pixel_values, grid_thw)
+
+    def hf_vision_tower(pixel_values):
+        return hf_tower(pixel_values, grid_thw=grid_thw).pooler_output
+
+    shapes = tower_gemms(count, depth, llm_width)
+    flops = float(sum(2 * m * k * n for m, k, n in shapes))
+
+    def profile() -> dict:
+        with torch.no_grad():
+            return {
+                "vlfuse": part_breakdown(tower, lambda: vlfuse_tower(pixel_values)),
+                "HF eager": part_breakdown(hf_tower, lambda: hf_vision_tower(pixel_values)),
+            }
+
+    return Setup(
+        args=(pixel_values,),
+        vlfuse=vlfuse_tower,
+        eager=hf_vision_tower,
+        shape=f"depth {depth} of {VISION.depth}, width {VISION.embed_dim}, [{count}, {VISION.patch_dim}] -> "
+        f"[{count // 4}, {llm_width}]",
+        baseline="HF Qwen2VisionTransformerPretrainedModel (SDPA), same weights",
+        limit=_plain_gemms(shapes, device, case.dtype),
+        limit_kind=GEMM,
+        work=flops,
+        flops=flops + _attention_flops(grid, depth),
+        tol_scale=4.0 * math.sqrt(depth),
+        note="" if depth == VISION.depth else f"vision tower: {depth} of {VISION.depth} blocks on the CPU (real width)",
+        profile=profile if case.mode == FWD else None,
+    )
+
+
+def build_train_step(case: Case, device: torch.device) -> Setup:
+    qwen2_vl = _model_package()
+    config = qwen2_vl.Qwen2VLConfig.preset("tiny")
+    batch, image_side, text_tokens = case.param("batch"), case.param("image"), case.param("text")
+    torch.manual_seed(0)
+    model = qwen2_vl.Qwen2VL(config, backend="vlfuse").to(device=device, dtype=case.dtype).train()
+    eager_model = qwen2_vl.Qwen2VL(config, backend="eager").to(device=device, dtype=case.dtype).train()
+    eager_model.load_state_dict(model.state_dict())
+    vision = config.vision
+    side = image_side // vision.patch_size
+    visual = side * side // vision.spatial_merge_size**2
+    span = [config.vision_start_token_id] + [config.image_token_id] * visual + [config.vision_end_token_id]
+    rows = [torch.randint(0, 256, (text_tokens,)).tolist() + span for _ in range(batch)]
+    input_ids = torch.tensor(rows, device=device)
+    grid_thw = torch.tensor([[1, side, side]] * batch, device=device)
+    pixel_values = torch.randn(batch * side * side, vision.patch_dim, device=device, dtype=torch.float32)
+
+    def vlfuse_step(pixel_values):
+        return model(input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw, labels=input_ids).loss
+
+    def eager_step(pixel_values):
+        return eager_model(input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw, labels=input_ids).loss
+
+    return Setup(
+        args=(pixel_values,),
+        vlfuse=vlfuse_step,
+        eager=eager_step,
+        shape=f"batch {batch} x ({image_side}x{image_side} image + {text_tokens} text tokens), "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params",
+        baseline="the same model on backend='eager' (vlfuse.reference ops), same weights",
+        vlfuse_params=list(model.parameters()),
+        eager_params=list(eager_model.parameters()),
+        tol_scale=50.0,
+        compile=False,
+        note="train step: loss + backward (gradients of every parameter compared); the optimizer update, identical "
+        "for both backends, is left out; torch.compile not run (the baseline is vlfuse's own eager backend)",
+    )
+
+
+def cases() -> list[Case]:
+    out = []
+    for name in ("1 image 448x448", "4 images 448x448"):
+        for dtype in (torch.float32, torch.bfloat16):
+            params = (("grid", WORKLOADS[name]),)
+            target = TOWER_TARGET.get(dtype)
+            out.append(Case("vision tower", name, dtype, FWD, build_vision_tower, params, target))
+    out.append(
+        Case("vision tower", "1 image 448x448", torch.float32, FWD_BWD, build_vision_tower, (("grid", WORKLOADS["1 image 448x448"]),))
+    )
+    train = (("batch", 4), ("image", 112), ("text", 48))
+    for dtype in (torch.float32, torch.bfloat16):
+        out.append(Case("train step (tiny)", "4 x (112x112 image + 48 tokens)", dtype, FWD_BWD, build_train_step, train, None, dtype == torch.float32))
+    return out
