@@ -176,3 +176,47 @@ def test_interleaved_timing_times_every_function():
     seconds = time_interleaved({"a": make("a"), "b": make("b")}, torch.device("cpu"), FAST)
     assert set(seconds) == {"a", "b"} and all(s >= 0 for s in seconds.values())
     assert calls["a"] > FAST.repeats and calls["b"] > FAST.repeats
+
+
+def _update_readme_module():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "update_readme.py"
+    spec = importlib.util.spec_from_file_location("update_readme", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_section_is_generated_between_markers(tmp_path):
+    update_readme = _update_readme_module()
+    results = tmp_path / "results"
+    report.write_json(runner.run_suite(_tiny_cases(), _options()), str(results / "cpu-test.json"))
+    readme = tmp_path / "README.md"
+    readme.write_text("# vlfuse\n\nintro\n")
+    assert update_readme.main(["--readme", str(readme), "--results", str(results)]) == 0
+    first = readme.read_text()
+    assert first.startswith("# vlfuse\n\nintro\n") and first.count(update_readme.BEGIN) == 1
+    assert "| rope_qkv | tiny | float32 | fwd |" in first
+    # a second run replaces the section in place (hand edits outside the markers survive), and --check agrees
+    readme.write_text(first.replace("intro", "intro, edited"))
+    assert update_readme.main(["--readme", str(readme), "--results", str(results)]) == 0
+    second = readme.read_text()
+    assert "intro, edited" in second and second.count(update_readme.BEGIN) == 1
+    assert update_readme.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+
+
+def test_tower_breakdown_parts_add_up():
+    qwen2_vl = pytest.importorskip("vlfuse.models.qwen2_vl")
+    from vlfuse.bench.model import part_breakdown
+
+    config = qwen2_vl.Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=2)
+    tower = qwen2_vl.VisionTransformer(config).eval()
+    grid = torch.tensor([[1, 4, 4]])
+    pixels = torch.randn(16, config.patch_dim)
+    with torch.no_grad():
+        parts = part_breakdown(tower, lambda: tower(pixels, grid))
+    assert {"patch embed", "MLP", "attention SDPA", "attention qkv Linear", "merger (norm, 2x2 merge, MLP)"} <= set(parts)
+    named = sum(v for k, v in parts.items() if k != "total")
+    assert parts["total"] > 0 and named == pytest.approx(parts["total"], rel=1e-3, abs=1e-2)

@@ -7,6 +7,7 @@ model package's eager backend (the same weights through vlfuse.reference).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import torch
@@ -56,15 +57,15 @@ def _attention_flops(grid, depth: int) -> float:
     return float(per_frame * depth)
 
 
-PARTS = {  # module-name suffix -> part (matched against both towers' module names)
-    "patch_embed": "patch embed",
-    "norm1": "LayerNorms",
-    "norm2": "LayerNorms",
-    "attn.qkv": "attention qkv Linear",
-    "attn.proj": "attention proj Linear",
-    "attn": "attention core (rotary, split, SDPA)",
-    "mlp": "MLP",
-    "merger": "merger",
+CORE = "attention core (rotary, split, SDPA)"
+PARTS = {  # module name (both towers use HF's names) -> part
+    r"patch_embed": "patch embed",
+    r"blocks\.\d+\.norm[12]": "LayerNorms",
+    r"blocks\.\d+\.attn\.qkv": "attention qkv Linear",
+    r"blocks\.\d+\.attn\.proj": "attention proj Linear",
+    r"blocks\.\d+\.attn": CORE,
+    r"blocks\.\d+\.mlp": "MLP",
+    r"merger": "merger (norm, 2x2 merge, MLP)",
 }
 
 
@@ -76,11 +77,11 @@ def part_breakdown(module: nn.Module, call: Callable[[], object]) -> dict[str, f
 
     handles, open_ranges = [], []
     for name, sub in module.named_modules():
-        label = next((f"part::{suffix}" for suffix in PARTS if name == suffix or name.endswith("." + suffix)), None)
-        if label is None:
+        part = next((part for pattern, part in PARTS.items() if re.fullmatch(pattern, name)), None)
+        if part is None:
             continue
 
-        def enter(mod, args, label=label):
+        def enter(mod, args, label=f"part::{part}"):
             scope = record_function(label)
             scope.__enter__()
             open_ranges.append(scope)
@@ -89,9 +90,10 @@ def part_breakdown(module: nn.Module, call: Callable[[], object]) -> dict[str, f
             open_ranges.pop().__exit__(None, None, None)
 
         handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     try:
         call()  # warm
-        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]) as prof:
+        with profile(activities=activities) as prof:
             with record_function("part::total"):
                 call()
             if torch.cuda.is_available():
@@ -101,21 +103,18 @@ def part_breakdown(module: nn.Module, call: Callable[[], object]) -> dict[str, f
             handle.remove()
     totals: dict[str, float] = {}
     for event in prof.key_averages():
-        device_ms = getattr(event, "device_time_total", 0.0) / 1e3
-        ms = max(event.cpu_time_total / 1e3, device_ms)
+        ms = max(event.cpu_time_total, getattr(event, "device_time_total", 0.0)) / 1e3
         if event.key.startswith("part::"):
             totals[event.key[6:]] = totals.get(event.key[6:], 0.0) + ms
         elif event.key == "aten::scaled_dot_product_attention":
-            totals["sdpa"] = totals.get("sdpa", 0.0) + ms
-    parts: dict[str, float] = {}
-    for suffix, part in PARTS.items():
-        parts[part] = parts.get(part, 0.0) + totals.get(suffix, 0.0)
-    core = "attention core (rotary, split, SDPA)"
-    parts[core] -= parts["attention qkv Linear"] + parts["attention proj Linear"]
-    sdpa = min(totals.get("sdpa", 0.0), max(parts[core], 0.0))
+            totals["SDPA"] = totals.get("SDPA", 0.0) + ms
+    parts = {part: totals.get(part, 0.0) for part in dict.fromkeys(PARTS.values())}
+    core = parts.pop(CORE) - parts["attention qkv Linear"] - parts["attention proj Linear"]
+    sdpa = min(totals.get("SDPA", 0.0), max(core, 0.0))
     parts["attention SDPA"] = sdpa
-    parts[core.replace("SDPA", "copies")] = parts.pop(core) - sdpa
-    parts["other"] = totals.get("total", 0.0) - sum(parts.values())
+    parts["attention rotary, split, copies"] = core - sdpa
+    parts["other (residuals, positions, casts)"] = totals.get("total", 0.0) - sum(parts.values())
+    parts["total"] = totals.get("total", 0.0)
     return {k: round(v, 3) for k, v in parts.items()}
 
 
@@ -219,14 +218,14 @@ def build_train_step(case: Case, device: torch.device) -> Setup:
 
 def cases() -> list[Case]:
     out = []
-    for name in ("1 image 448x448", "4 images 448x448"):
-        for dtype in (torch.float32, torch.bfloat16):
-            params = (("grid", WORKLOADS[name]),)
-            target = TOWER_TARGET.get(dtype)
-            out.append(Case("vision tower", name, dtype, FWD, build_vision_tower, params, target))
-    out.append(
-        Case("vision tower", "1 image 448x448", torch.float32, FWD_BWD, build_vision_tower, (("grid", WORKLOADS["1 image 448x448"]),))
-    )
+    for name, dtype, mode in (
+        ("1 image 448x448", torch.float32, FWD),
+        ("1 image 448x448", torch.bfloat16, FWD),
+        ("1 image 448x448", torch.float32, FWD_BWD),
+        ("4 images 448x448", torch.bfloat16, FWD),
+    ):
+        params = (("grid", WORKLOADS[name]),)
+        out.append(Case("vision tower", name, dtype, mode, build_vision_tower, params, TOWER_TARGET.get(dtype)))
     train = (("batch", 4), ("image", 112), ("text", 48))
     for dtype in (torch.float32, torch.bfloat16):
         out.append(Case("train step (tiny)", "4 x (112x112 image + 48 tokens)", dtype, FWD_BWD, build_train_step, train, None, dtype == torch.float32))
