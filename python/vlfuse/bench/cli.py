@@ -29,10 +29,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed samples per implementation (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per implementation")
     p.add_argument(
+        "--min-sample-ms", type=float, default=None, help="repeat fast calls within a sample up to this long"
+    )
+    p.add_argument(
         "--max-call-s",
         type=float,
         default=None,
-        help="time a case from its single checked call when one call takes longer (default 3 quick, 20 full)",
+        help="time a case from its single checked call when one call takes longer (default 3 quick, 10 full)",
     )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     timing = TimingConfig(
         warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
         repeats=args.repeats if args.repeats is not None else (5 if args.quick else 9),
-        min_sample_s=0.01 if args.quick else 0.05,
+        min_sample_s=args.min_sample_ms / 1e3 if args.min_sample_ms is not None else (0.01 if args.quick else 0.05),
         max_case_s=6.0 if args.quick else 40.0,
     )
     options = RunOptions(
@@ -71,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         profile=not args.no_profile,
         quick=args.quick,
-        max_call_s=args.max_call_s if args.max_call_s is not None else (3.0 if args.quick else 20.0),
+        max_call_s=args.max_call_s if args.max_call_s is not None else (3.0 if args.quick else 10.0),
     )
     results = run_suite(cases, options)
+    results["machine"]["selection"] = {"quick": args.quick, "cases": list(args.cases), "count": len(cases)}
     print(report.format_report(results))
     if args.json:
         report.write_json(results, args.json)

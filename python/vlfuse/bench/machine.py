@@ -61,6 +61,7 @@ def machine_info(device: torch.device, measure_limits: bool, quick: bool) -> dic
         info["transformers"] = None
     if device.type == "cpu":
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        info["vlfuse_cpu_isa"] = vlfuse.build_info().get("cpu_isa")
     if measure_limits:
         info.update(measure_machine_limits(device, quick))
     return info

@@ -172,7 +172,10 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
         work=flops,
         flops=flops + _attention_flops(grid, depth),
         tol_scale=4.0 * math.sqrt(depth),
-        note="" if depth == VISION.depth else f"vision tower: {depth} of {VISION.depth} blocks on the CPU (real width)",
+        # inductor takes many minutes over the whole HF tower on a small CPU; a GPU run compiles it
+        compile=device.type == "cuda",
+        note="" if depth == VISION.depth else f"vision tower: {depth} of {VISION.depth} blocks on the CPU (real width); "
+        "torch.compile of the HF tower is timed on GPU runs only",
         profile=profile if case.mode == FWD else None,
     )
 
