@@ -1,0 +1,134 @@
+"""``python -m vlfuse demo``: the synthetic corpus, Qwen2-VL's three training stages on the ``tiny`` preset, held-out
+accuracy per task, and the op benchmark table, on a laptop-class CPU in a few minutes.
+
+The stage configs live here (``stage_config``) and in ``configs/tiny_stage{1,2,3}.yaml`` for ``vlfuse train``; a
+test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SCORED_TASKS = ("shape_colour", "motion", "characters")
+
+# The tiny preset with the changes that suit the synthetic corpus: short answers, images of at most 112 x 112.
+MODEL_OVERRIDES: dict = {"max_position_embeddings": 512}
+
+# (steps, learning rate per part, tasks) per stage; batch 16 everywhere. Stage 1 trains the ViT and merger against
+# the frozen (randomly initialised) LLM; stage 2 everything on all tasks; stage 3 the merger and LLM on dialogue,
+# multi-image and the single-turn tasks, the ViT frozen.
+STAGES = {
+    1: (60, {"vision": 2e-3, "merger": 2e-3, "llm": 0.0}, ["shape_colour", "characters"]),
+    2: (420, {"vision": 2e-3, "merger": 2e-3, "llm": 2e-3}, None),
+    3: (100, {"vision": 0.0, "merger": 1e-3, "llm": 1e-3}, None),
+}
+
+
+def stage_config(stage: int, data_dir: str, run_dir: str) -> dict:
+    """The config of one demo stage (what ``configs/tiny_stage<N>.yaml`` holds, with these folders)."""
+    steps, lr, tasks = STAGES[stage]
+    return {
+        "stage": stage,
+        "seed": stage,
+        "model": {
+            "preset": "tiny",
+            "overrides": dict(MODEL_OVERRIDES),
+            "init": None if stage == 1 else f"{run_dir}/stage{stage - 1}/final",
+        },
+        "data": {"train": f"{data_dir}/train.jsonl", "tasks": tasks, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        "optim": {"lr": lr, "weight_decay": 0.0, "grad_clip": 1.0},
+        "schedule": {"steps": steps, "warmup": max(5, steps // 20), "min_lr_ratio": 0.05},
+        "batch": {"size": 16, "accumulation": 1},
+        "precision": "fp32",
+        "output": f"{run_dir}/stage{stage}",
+        "save_every": 0,
+    }
+
+
+def run_bench() -> tuple[int | None, float]:
+    """The op benchmark table (``vlfuse bench --quick``) when the bench package is installed; (exit code, seconds)."""
+    t0 = time.perf_counter()
+    try:
+        from vlfuse.__main__ import build_parser
+    except ImportError:
+        return None, 0.0
+    parser = build_parser()
+    try:
+        args = parser.parse_args(["bench", "--quick"])
+    except SystemExit:
+        print("vlfuse demo: the `bench` command is not available in this build; skipping the op benchmark table")
+        return None, 0.0
+    return int(args.func(args) or 0), time.perf_counter() - t0
+
+
+def run_demo(out: str = "runs/demo", seed: int = 0, bench: bool = True, json_path: str | None = None) -> dict:
+    from vlfuse.models.qwen2_vl import Qwen2VL
+
+    from .data import SampleEncoder, read_jsonl
+    from .evaluate import accuracy
+    from .synthetic import make_corpus
+    from .trainer import Trainer, build_processor
+
+    t0 = time.perf_counter()
+    out_dir = Path(out)
+    data_dir, run_dir = out_dir / "data", out_dir / "runs"
+    print(f"vlfuse demo: writing the synthetic corpus to {data_dir}")
+    make_corpus(data_dir, seed=seed)
+    corpus_s = time.perf_counter() - t0
+    stages = []
+    for stage in (1, 2, 3):
+        ts = time.perf_counter()
+        cfg = stage_config(stage, str(data_dir), str(run_dir))
+        trainer = Trainer(cfg, stage=stage)
+        final = trainer.train()
+        stages.append({"stage": stage, "steps": trainer.step, "seconds": round(time.perf_counter() - ts, 1)})
+        del trainer
+    te = time.perf_counter()
+    model = Qwen2VL.from_pretrained(final)
+    cfg = stage_config(3, str(data_dir), str(run_dir))
+    cfg["model"]["init"] = str(final)
+    encoder = SampleEncoder(build_processor(_resolved(cfg), model))
+    val = [s for s in read_jsonl(data_dir / "val.jsonl") if s["task"] in SCORED_TASKS]
+    scores, results = accuracy(model, encoder, val)
+    eval_s = time.perf_counter() - te
+    print("\nheld-out accuracy (exact match of the answer)")
+    for task in SCORED_TASKS:
+        n = sum(r["task"] == task for r in results)
+        print(f"  {task:<13} {scores[task] * 100:6.1f}%  ({n} samples)")
+    train_s = sum(s["seconds"] for s in stages)
+    report = {
+        "seconds": None,
+        "accuracy": {task: scores[task] for task in SCORED_TASKS},
+        "stages": stages,
+        "corpus_seconds": round(corpus_s, 1),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    with open(out_dir / "answers.jsonl", "w") as f:
+        for r in results:
+            f.write(json.dumps(r) + "\n")
+    if bench:
+        print("\nop benchmarks (vlfuse bench --quick)")
+        sys.stdout.flush()
+        code, bench_s = run_bench()
+        report["bench_seconds"] = round(bench_s, 1)
+        report["bench_exit_code"] = code
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    print(f"\nvlfuse demo: done in {report['seconds']} s (corpus {report['corpus_seconds']} s, training "
+          f"{report['train_seconds']} s, evaluation {report['eval_seconds']} s)")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _resolved(cfg: dict) -> dict:
+    from .config import resolve
+
+    return resolve(cfg)
+
