@@ -104,10 +104,10 @@ def test_frozen_parameters_get_no_gradient_in_backward(corpus, tmp_path):
 
 
 def test_resume_equals_uninterrupted(corpus, tmp_path):
-    full = Trainer(config(corpus, tmp_path / "full", save_every=2, schedule={"steps": 6}), stage=2)
+    full = Trainer(config(corpus, tmp_path / "full", save_every=2, schedule={"steps": 4}), stage=2)
     full.train()
 
-    first = Trainer(config(corpus, tmp_path / "split", save_every=2, schedule={"steps": 6}), stage=2)
+    first = Trainer(config(corpus, tmp_path / "split", save_every=2, schedule={"steps": 4}), stage=2)
     step = first.train_step
 
     def step_then_die():
@@ -119,14 +119,14 @@ def test_resume_equals_uninterrupted(corpus, tmp_path):
     first.train_step = step_then_die
     with pytest.raises(KeyboardInterrupt):
         first.train()
-    second = Trainer(config(corpus, tmp_path / "split", save_every=2, schedule={"steps": 6}), stage=2)
+    second = Trainer(config(corpus, tmp_path / "split", save_every=2, schedule={"steps": 4}), stage=2)
     second.train(resume=True)
-    assert second.step == 6
+    assert second.step == 4
     assert_same(latest_weights(tmp_path / "split"), latest_weights(tmp_path / "full"))
     state = json.loads((ckpt.latest_checkpoint(tmp_path / "split") / "state.json").read_text())
-    assert state["step"] == 6 and state["position"] == 6 * 4
+    assert state["step"] == 4 and state["position"] == 4 * 4
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]  # the lost step's line was replaced on resume
+    assert steps == [1, 2, 3, 4]  # the lost step's line was replaced on resume
 
 
 def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch):
@@ -139,10 +139,8 @@ def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatc
 
     def dying_write(folder, model_state, *rest):
         calls.append(folder)
-        if len(calls) == 2:  # the save at step 4: the weights reach the disk, then the process is killed
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in model_state.items()}, str(folder / "model.safetensors"))
+        if len(calls) == 2:  # the save at step 4: killed while the weights are half written
+            (folder / "model.safetensors").write_bytes(b"\0" * 1000)
             raise SystemExit("killed")
         return real_write(folder, model_state, *rest)
 
@@ -151,7 +149,7 @@ def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path, monkeypatc
         Trainer(cfg, stage=2).train()
     monkeypatch.setattr(ckpt, "write_files", real_write)
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    assert names[0] == "step_0000002" and len(names) == 2 and names[1].startswith(".tmp-step_0000004")
+    assert len(names) == 2 and names[0].startswith(".tmp-step_0000004") and names[1] == "step_0000002"
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step_0000002"]
 
     resumed = Trainer(cfg, stage=2)
@@ -180,18 +178,25 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(corpus, tmp_path)
     assert all(torch.equal(saved[n], p.detach()) for n, p in trainer.model.state_dict().items() if n in saved)
 
 
+# For comparisons up to rounding: Adam's eps well above rounding noise, since parameters whose true gradient is
+# exactly zero (the key bias: softmax ignores a shift shared by all keys) would turn noise into lr-sized steps.
+ROUNDING = {"optim": {"eps": 1e-3}}
+
+
 def test_gradient_accumulation_equals_one_big_batch(corpus, tmp_path):
-    one = Trainer(config(corpus, tmp_path / "one", schedule={"steps": 2}), stage=2)
+    one = Trainer(config(corpus, tmp_path / "one", schedule={"steps": 2}, **ROUNDING), stage=2)
     one.train()
-    acc = Trainer(config(corpus, tmp_path / "acc", schedule={"steps": 2}, batch={"size": 4, "accumulation": 2}), 2)
+    micro = {"size": 4, "accumulation": 2}
+    acc = Trainer(config(corpus, tmp_path / "acc", schedule={"steps": 2}, batch=micro, **ROUNDING), stage=2)
     acc.train()
     assert_same(latest_weights(tmp_path / "acc"), latest_weights(tmp_path / "one"), exact=False)
 
 
 def test_gradient_checkpointing_and_bf16_run(corpus, tmp_path):
-    plain = Trainer(config(corpus, tmp_path / "plain", schedule={"steps": 1}), stage=2)
+    plain = Trainer(config(corpus, tmp_path / "plain", schedule={"steps": 1}, **ROUNDING), stage=2)
     plain.train()
-    recompute = Trainer(config(corpus, tmp_path / "gc", schedule={"steps": 1}, gradient_checkpointing=True), 2)
+    changes = dict(schedule={"steps": 1}, gradient_checkpointing=True, **ROUNDING)
+    recompute = Trainer(config(corpus, tmp_path / "gc", **changes), stage=2)
     recompute.train()
     assert_same(latest_weights(tmp_path / "gc"), latest_weights(tmp_path / "plain"), exact=False)
     bf16 = Trainer(config(corpus, tmp_path / "bf16", schedule={"steps": 1}, precision="bf16"), 2)

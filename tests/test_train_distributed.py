@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from vlfuse.train.synthetic import CorpusSpec, make_corpus
 
-from test_train import config
+from test_train import ROUNDING, config
 
 
 def _free_port() -> int:
@@ -47,9 +47,7 @@ def corpus(tmp_path_factory):
 def test_two_processes_equal_one(corpus, tmp_path, strategy):
     from vlfuse.train.trainer import Trainer
 
-    # Adam's eps well above rounding noise: parameters whose true gradient is exactly zero (the key bias: softmax
-    # ignores a shift shared by all keys) would otherwise turn rounding-level gradients into lr-sized steps.
-    changes = {"schedule": {"steps": 3, "warmup": 1}, "optim": {"eps": 1e-3}}
+    changes = {"schedule": {"steps": 3, "warmup": 1}, **ROUNDING}
     single = Trainer(config(corpus, tmp_path / "single", **changes), stage=2)
     single.train()
     cfg = config(corpus, tmp_path / "ddp", **changes)

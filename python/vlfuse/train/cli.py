@@ -33,6 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="runs/demo", help="working folder (corpus, checkpoints, metrics, plots)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-bench", action="store_true", help="skip the op benchmark table")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on a busy machine, else all)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -78,5 +79,5 @@ def _cmd_import_vit(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(args.out, seed=args.seed, bench=not args.no_bench, json_path=args.json)
+    report = run_demo(args.out, seed=args.seed, bench=not args.no_bench, json_path=args.json, threads=args.threads)
     return 0 if report.get("bench_exit_code") in (None, 0) else 1

@@ -63,3 +63,10 @@ def accuracy(
         rows = [r for r in results if r["task"] == task]
         scores[task] = sum(r["expected"] == r["got"] for r in rows) / len(rows)
     return scores, results
+
+
+def character_accuracy(results: list[dict]) -> float:
+    """Fraction of the reference characters read correctly (same character at the same position)."""
+    total = sum(len(r["expected"]) for r in results)
+    right = sum(a == b for r in results for a, b in zip(r["expected"], r["got"]))
+    return right / max(1, total)

@@ -80,7 +80,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 def shape_image(rng: random.Random, shape: str, colour: str) -> Image.Image:
     width, height = rng.choice(SIDES), rng.choice(SIDES)
     image = Image.new("RGB", (width, height), _background(rng))
-    r = rng.uniform(9, min(width, height) * 0.4)
+    r = rng.uniform(12, min(width, height) * 0.4)
     cx = rng.uniform(r, width - r)
     cy = rng.uniform(r, height - r)
     _draw_shape(ImageDraw.Draw(image), shape, cx, cy, r, COLOURS[colour])

@@ -11,6 +11,7 @@ generation), ``Qwen2VLConfig`` (presets and HF config.json), ``Qwen2VLProcessor`
 
 from .checkpoint import CheckpointError
 from .config import Qwen2VLConfig, Qwen2VLVisionConfig
+from .import_vit import ImportReport, import_vit
 from .model import Qwen2VL, Qwen2VLOutput
 from .positions import mrope_freqs, rope_index
 from .processor import Qwen2VLProcessor
@@ -28,6 +29,8 @@ __all__ = [
     "load_tokenizer",
     "CheckpointError",
     "VisionTransformer",
+    "import_vit",
+    "ImportReport",
     "rope_index",
     "mrope_freqs",
 ]
