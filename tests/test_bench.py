@@ -220,3 +220,24 @@ def test_tower_breakdown_parts_add_up():
     assert {"patch embed", "MLP", "attention SDPA", "attention qkv Linear", "merger (norm, 2x2 merge, MLP)"} <= set(parts)
     named = sum(v for k, v in parts.items() if k != "total")
     assert parts["total"] > 0 and named == pytest.approx(parts["total"], rel=1e-3, abs=1e-2)
+
+
+def test_inexact_baseline_is_judged_by_its_float64_run():
+    """When HF eager itself is off (here: made off on purpose), vlfuse passes if it matches HF's code in float64."""
+
+    def build(case, device):
+        setup = build_rope_qkv(case, device)
+        exact = setup.eager
+
+        def inexact_eager(qkv):
+            q, k, v = exact(qkv)
+            return q, k, v * 1.01
+
+        return dataclasses.replace(setup, eager=inexact_eager, reference=exact)
+
+    case = Case("rope_qkv", "tiny", torch.float32, FWD, build, TINY_GRID)
+    record = runner.run_suite([case], _options())["results"][0]
+    assert record["check"] == "ok" and record["max_err"] <= record["tol"]
+    assert any("HF eager by" in note for note in record["notes"])
+    wrong = runner.run_suite([dataclasses.replace(case, build=lambda c, d: dataclasses.replace(_wrong_rope(c, d), reference=build_rope_qkv(c, d).eager))], _options())
+    assert wrong["results"][0]["check"].startswith("FAIL")

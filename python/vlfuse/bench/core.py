@@ -78,6 +78,10 @@ class Setup:
     compile: bool = True  # False where torch.compile of the baseline is not attempted (note says why)
     note: str = ""
     profile: Callable[[], dict] | None = None  # optional per-part time breakdown, run once after timing
+    # the baseline's own code in float64 (float64 copies of its parameters in reference_params, same order as
+    # eager_params): the judge when vlfuse and the baseline disagree, since the baseline may be the inexact one
+    reference: Callable[..., Any] | None = None
+    reference_params: Sequence[Tensor] = ()
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@ whole ``vlfuse.nn.PatchMerger`` against HF's ``PatchMerger`` with the same weigh
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .core import BANDWIDTH, FWD, FWD_BWD, GEMM, Case, Setup, Target
@@ -34,6 +36,11 @@ def build_merge2x2(case: Case, device: torch.device) -> Setup:
     def hf_merge(x):
         return ln_q(x).view(-1, width)
 
+    ln_q64 = copy.deepcopy(ln_q).double()
+
+    def hf_merge_float64(x):
+        return ln_q64(x).view(-1, width)
+
     # must move: read x, write the merged rows (as many bytes); backward reads dy and x, writes dx
     moved = 2 * x.numel() * x.element_size()
     if case.mode == FWD_BWD:
@@ -47,6 +54,8 @@ def build_merge2x2(case: Case, device: torch.device) -> Setup:
         grad_args=(0,),
         vlfuse_params=(weight, bias),
         eager_params=(ln_q.weight, ln_q.bias),
+        reference=hf_merge_float64,
+        reference_params=(ln_q64.weight, ln_q64.bias),
         limit=copy_reference(moved, device),
         limit_kind=BANDWIDTH,
         work=moved,
@@ -70,6 +79,8 @@ def build_patch_merger(case: Case, device: torch.device) -> Setup:
 
     def hf_patch_merger(x):
         return hf_merger(x)
+
+    hf_merger64 = copy.deepcopy(hf_merger).double()
 
     # the floor: the MLP's two GEMMs alone (and their four backward GEMMs)
     merged = torch.randn(rows, hidden, device=device, dtype=case.dtype)
@@ -102,6 +113,8 @@ def build_patch_merger(case: Case, device: torch.device) -> Setup:
         grad_args=(0,),
         vlfuse_params=[vlfuse_named[n] for n in names],
         eager_params=[p for _, p in hf_merger.named_parameters()],
+        reference=hf_merger64,
+        reference_params=[p for _, p in hf_merger64.named_parameters()],
         limit=plain_gemms,
         limit_kind=GEMM,
         work=flops,

@@ -9,6 +9,8 @@ embedding: gradients reach the weight, not the pixels.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .core import FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
@@ -37,6 +39,8 @@ def build_patch_embed(case: Case, device: torch.device) -> Setup:
     def hf_patch_embed(patches):
         return hf_embed(patches)
 
+    hf_embed64 = copy.deepcopy(hf_embed).double()
+
     # the floor: the same GEMM on operands already in the weight's dtype and layout
     gemm_patches = patches.to(case.dtype)
     gemm_weight = weight.detach().reshape(VISION.embed_dim, -1).t().contiguous()
@@ -61,6 +65,8 @@ def build_patch_embed(case: Case, device: torch.device) -> Setup:
         baseline="HF Qwen2-VL PatchEmbed (view + Conv3d, kernel = stride)",
         vlfuse_params=(weight,),
         eager_params=(hf_embed.proj.weight,),
+        reference=hf_embed64,
+        reference_params=(hf_embed64.proj.weight,),
         limit=plain_gemm,
         limit_kind=GEMM,
         work=flops,
