@@ -1,5 +1,6 @@
 // Temporal patchify ops: argument checks (the only ones; the Python wrappers add none), output allocation, the
 // hand-off of patchify::Params blocks to the CPU or CUDA packing kernel, and the patch-embedding GEMM.
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -159,22 +160,42 @@ Tensor flat_weight(const char* op, const Tensor& weight, const Tensor& patches) 
   return weight.reshape({embed, k});
 }
 
+bool ask_aten(const char* op_name) {
+  const auto op = c10::Dispatcher::singleton().findSchema({op_name, ""});
+  return op.has_value() && op->typed<bool()>().call();
+}
+
+// Whether ATen's CPU GEMM has a fast (oneDNN) kernel for this dtype, asked of ATen itself. Without one
+// (bf16 needs AVX-512, fp16 AVX512-FP16 or AMX-FP16) a bf16/fp16 at::mm runs a scalar fallback several times
+// slower than float32 sgemm on the same CPU.
+bool cpu_gemm_is_native(at::ScalarType t) {
+  static const bool bf16 = ask_aten("mkldnn::_is_mkldnn_bf16_supported");
+  static const bool fp16 = ask_aten("mkldnn::_is_mkldnn_fp16_supported");
+  return t == at::kBFloat16 ? bf16 : t == at::kHalf ? fp16 : true;
+}
+
 Tensor patch_embed(const Tensor& patches, const Tensor& weight, const c10::optional<Tensor>& bias) {
   const char* op = "patch_embed";
   check_float_tensor(patches, op, "patches");
   check_dim(patches, 2, op, "patches", "[N, C * Tp * P * P]");
+  const auto dtype = weight.scalar_type();
   const Tensor w = flat_weight(op, weight, patches);
-  const Tensor x = patches.to(weight.scalar_type());
+  const Tensor x = patches.to(dtype);
+  Tensor b;
   if (bias.has_value() && bias->defined()) {
-    const Tensor& b = *bias;
+    b = *bias;
     check_same_device(b, "bias", patches, "patches", op);
-    VLFUSE_CHECK_TYPE(b.scalar_type() == weight.scalar_type(), op, "bias has dtype ", b.scalar_type(),
-                      " but weight has ", weight.scalar_type());
+    VLFUSE_CHECK_TYPE(b.scalar_type() == dtype, op, "bias has dtype ", b.scalar_type(), " but weight has ", dtype);
     VLFUSE_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), op, "bias must be [E] = [", w.size(0),
                        "], got shape ", b.sizes());
-    return at::addmm(b, x, w.t());
   }
-  return at::mm(x, w.t());
+  if (patches.is_cpu() && !cpu_gemm_is_native(dtype)) {
+    // The same inputs (rounded to dtype) through float32 sgemm, rounded once at the end: what a native
+    // reduced-precision GEMM with float32 accumulation computes, at sgemm speed.
+    const Tensor x32 = x.to(at::kFloat), w32 = w.to(at::kFloat);
+    return (b.defined() ? at::addmm(b.to(at::kFloat), x32, w32.t()) : at::mm(x32, w32.t())).to(dtype);
+  }
+  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
 }
 
 }  // namespace

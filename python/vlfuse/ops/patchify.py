@@ -152,13 +152,17 @@ def _patch_embed_setup(ctx, inputs, output):
 
 
 def _patch_embed_backward(ctx, grad_out):
+    # Both gradients are GEMMs of patch_embed's own form (rows @ flat_weight.t()), so they go through the op and
+    # take its device/dtype GEMM choice: grad_patches = grad_out @ W = patch_embed(grad_out, W.t()) and
+    # grad_weight = grad_out.t() @ patches = patch_embed(grad_out.t(), patches.t()), in the weight's dtype.
     patches, weight = ctx.saved_tensors
-    w = weight.reshape(weight.shape[0], -1)
+    flat = weight.reshape(weight.shape[0], -1)
     grad_patches = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_patches = torch.mm(grad_out, w).to(ctx.patches_dtype)
+        grad_patches = torch.ops.vlfuse.patch_embed(grad_out, flat.t(), None).to(ctx.patches_dtype)
     if ctx.needs_input_grad[1]:
-        grad_weight = torch.mm(grad_out.t(), patches.to(weight.dtype)).reshape(ctx.weight_shape)
+        rows = patches.to(weight.dtype).t()
+        grad_weight = torch.ops.vlfuse.patch_embed(grad_out.t(), rows, None).reshape(ctx.weight_shape)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_out.sum(0)
     return grad_patches, grad_weight, grad_bias
