@@ -44,11 +44,8 @@ bool is_frame_dtype(at::ScalarType t) {
 
 // Checks one height or width against the packing constraints and names the nearest valid size when it fails.
 void check_extent(const char* op, int64_t item, const char* what, int64_t extent, int64_t factor) {
-  if (extent > 0 && extent % factor == 0) {
-    return;
-  }
   const int64_t nearest = std::max<int64_t>(factor, (extent + factor / 2) / factor * factor);
-  VLFUSE_CHECK_VALUE(false, op, "frames[", item, "] ", what, " ", extent,
+  VLFUSE_CHECK_VALUE(extent > 0 && extent % factor == 0, op, "frames[", item, "] ", what, " ", extent,
                      " is not a positive multiple of patch_size * merge_size = ", factor, "; the nearest valid ",
                      what, " is ", nearest, " (resize first, e.g. to vlfuse.ops.smart_resize(height, width, factor=",
                      factor, "))");

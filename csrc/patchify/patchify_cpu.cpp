@@ -1,12 +1,15 @@
-// CPU packing kernel. Compiled once per ISA (see CMakeLists.txt); parallel over patches, one pass: every patch
-// row of P pixels is loaded, converted, normalized and stored in the output dtype with vector instructions.
+// CPU packing kernel. Compiled once per ISA (see CMakeLists.txt); parallel over patches, one pass over the
+// frames: every patch row of P pixels is loaded, converted and normalized with vector instructions, and each
+// finished patch is converted to the output dtype in one contiguous vector pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "patchify/patchify.h"
 
@@ -17,34 +20,25 @@ using patchify::Params;
 
 namespace {
 
-// Loads n <= Vectorized<acc_t>::size() consecutive pixels as acc_t lanes (lanes past n are zero).
+// Loads n <= Vectorized<acc_t>::size() consecutive pixels as acc_t lanes. whole: a full Vectorized<in_t> may be
+// read from p (it stays inside the frame row), so the load needs no mask; lanes past n are then unspecified.
 template <typename acc_t, typename in_t>
-inline Vectorized<acc_t> load_pixels(const in_t* p, int64_t n) {
+inline Vectorized<acc_t> load_pixels(const in_t* p, int64_t n, bool whole) {
   using aVec = Vectorized<acc_t>;
   if constexpr (std::is_same_v<in_t, acc_t>) {
-    return aVec::loadu(p, n);
+    return whole ? aVec::loadu(p) : aVec::loadu(p, n);
   } else if constexpr (std::is_same_v<acc_t, float> && at::vec::is_reduced_floating_point_v<in_t>) {
-    auto [lo, hi] = at::vec::convert_to_float<in_t>(Vectorized<in_t>::loadu(p, n));
-    return lo;
+    const auto v = whole ? Vectorized<in_t>::loadu(p) : Vectorized<in_t>::loadu(p, n);
+    return std::get<0>(at::vec::convert_to_float<in_t>(v));
   } else if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<in_t, uint8_t>) {
-    return at::vec::convert<float>(Vectorized<uint8_t>::loadu(p, static_cast<uint8_t>(n)));
+    const auto v = whole ? Vectorized<uint8_t>::loadu(p) : Vectorized<uint8_t>::loadu(p, static_cast<uint8_t>(n));
+    return at::vec::convert<float>(v);
   } else {
-    __at_align__ acc_t buf[aVec::size()];
+    __at_align__ acc_t buf[aVec::size()] = {};
     for (int64_t i = 0; i < n; ++i) {
       buf[i] = static_cast<acc_t>(p[i]);
     }
-    return aVec::loadu(buf, n);
-  }
-}
-
-// Stores the first n lanes of v as out_t.
-template <typename out_t, typename acc_t>
-inline void store_values(out_t* p, int64_t n, const Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<out_t, acc_t>) {
-    v.store(p, n);
-  } else {
-    static_assert(at::vec::is_reduced_floating_point_v<out_t> && std::is_same_v<acc_t, float>);
-    at::vec::convert_from_float<out_t>(v, v).store(p, n);
+    return aVec::loadu(buf);
   }
 }
 
@@ -53,19 +47,24 @@ void patchify_impl(const Params& p) {
   using acc_t = at::opmath_type<out_t>;
   using aVec = Vectorized<acc_t>;
   constexpr int64_t W = aVec::size();
+  constexpr int64_t kInVec = Vectorized<in_t>::size();
   const int64_t P = p.patch, Tp = p.temporal, C = p.channels;
   const int64_t patch_elems = p.patch_elems();
   const int64_t grain = std::max<int64_t>(1, 32768 / patch_elems);
   out_t* out = static_cast<out_t*>(p.out);
 
   at::parallel_for(0, p.patches, grain, [&](int64_t begin, int64_t end) {
+    // One patch in acc_t, written row by row with whole vectors (W lanes of slack at the end), then converted
+    // to out_t in one contiguous pass: no masked stores of 16-bit types, which at::vec does through memcpy.
+    std::vector<acc_t> patch_buf(patch_elems + W);
     int item = patchify::item_of(p, begin, 0);
     for (int64_t n = begin; n < end; ++n) {
       item = patchify::item_of(p, n, item);
       const patchify::Item& it = p.items[item];
       const auto pos = patchify::patch_position(n - it.first_patch, it.grid_h, it.grid_w, p.merge);
       const in_t* origin = static_cast<const in_t*>(it.frames) + pos.ph * P * it.stride_h + pos.pw * P * it.stride_w;
-      out_t* dst = out + n * patch_elems;
+      const int64_t row_left = (it.grid_w - pos.pw) * P;  // pixels from the patch's left edge to the frame's right
+      acc_t* dst = patch_buf.data();
       for (int64_t c = 0; c < C; ++c) {
         const acc_t scale = static_cast<acc_t>(p.scale[c]);
         const acc_t shift = static_cast<acc_t>(p.shift[c]);
@@ -78,18 +77,19 @@ void patchify_impl(const Params& p) {
             if (it.stride_w == 1) {
               for (int64_t x = 0; x < P; x += W) {
                 const int64_t len = std::min<int64_t>(W, P - x);
-                const aVec v = patchify::normalize<aVec>(load_pixels<acc_t>(row + x, len), scale_v, shift_v);
-                store_values(dst + x, len, v);
+                const aVec v = load_pixels<acc_t>(row + x, len, row_left - x >= kInVec);
+                patchify::normalize<aVec>(v, scale_v, shift_v).store(dst + x);
               }
             } else {
               for (int64_t x = 0; x < P; ++x) {
                 const acc_t v = static_cast<acc_t>(row[x * it.stride_w]);
-                dst[x] = static_cast<out_t>(patchify::normalize<acc_t>(v, scale, shift));
+                dst[x] = patchify::normalize<acc_t>(v, scale, shift);
               }
             }
           }
         }
       }
+      at::vec::convert(patch_buf.data(), out + n * patch_elems, patch_elems);
     }
   });
 }
