@@ -152,7 +152,12 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2(const Tensor& x_in, const std::optio
       VLFUSE_CPU_KERNEL(merge_forward_cpu_kernel)(p);
     }
   } else {
+#ifdef VLFUSE_WITH_CUDA
+    TORCH_CHECK(x.is_cuda(), "vlfuse.merge2x2: no kernel for device ", x.device());
+    merge_forward_cuda(p);
+#else
     TORCH_CHECK(false, "vlfuse.merge2x2: no kernel for device ", x.device());
+#endif
   }
   return {out, mean, rstd};
 }
@@ -208,7 +213,12 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2_backward(const Tensor& grad_out_in, 
   } else if (x.is_cpu()) {
     VLFUSE_CPU_KERNEL(merge_backward_cpu_kernel)(p);
   } else {
+#ifdef VLFUSE_WITH_CUDA
+    TORCH_CHECK(x.is_cuda(), "vlfuse.merge2x2_backward: no kernel for device ", x.device());
+    merge_backward_cuda(p);
+#else
     TORCH_CHECK(false, "vlfuse.merge2x2_backward: no kernel for device ", x.device());
+#endif
   }
   return {grad_x, grad_w.to(weight.scalar_type()), grad_b.to(weight.scalar_type())};
 }
@@ -219,5 +229,12 @@ TORCH_LIBRARY_IMPL(vlfuse, CPU, m) {
   m.impl("merge2x2", &merge2x2);
   m.impl("merge2x2_backward", &merge2x2_backward);
 }
+
+#ifdef VLFUSE_WITH_CUDA
+TORCH_LIBRARY_IMPL(vlfuse, CUDA, m) {
+  m.impl("merge2x2", &merge2x2);
+  m.impl("merge2x2_backward", &merge2x2_backward);
+}
+#endif
 
 }  // namespace vlfuse::merge

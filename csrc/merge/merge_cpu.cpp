@@ -41,6 +41,29 @@ struct Row {
     }
   }
 
+  // Independent accumulator sets for the row reductions: one chain of dependent adds would make every pass
+  // latency-bound (C / W adds in a row); kChains chains keep the FMA units busy.
+  static constexpr int kChains = 4 / kParts;
+
+  // Like for_blocks, but also passes u = the accumulator chain the block belongs to (block index % kChains).
+  template <typename F>
+  static inline void for_blocks_chained(const scalar_t* x, int64_t C, F&& f) {
+    int64_t i = 0;
+    for (; i + kChains * IO::kBlock <= C; i += kChains * IO::kBlock) {
+      for (int u = 0; u < kChains; ++u) {
+        fVec v[kParts];
+        IO::load(x + i + u * IO::kBlock, IO::kBlock, v);
+        f(u, i + u * IO::kBlock, IO::kBlock, v);
+      }
+    }
+    for (int u = 0; i < C; i += IO::kBlock, ++u) {
+      const int64_t n = std::min<int64_t>(IO::kBlock, C - i);
+      fVec v[kParts];
+      IO::load(x + i, n, v);
+      f(u, i, n, v);
+    }
+  }
+
   // Zeroes the lanes of part j of a block that lie past its n valid elements.
   static inline fVec mask_tail(const fVec& v, int64_t n, int j) {
     const int64_t valid = n - j * W;
@@ -50,12 +73,21 @@ struct Row {
     return valid <= 0 ? fVec(acc_t(0)) : fVec::set(fVec(acc_t(0)), v, valid);
   }
 
-  static inline acc_t reduce(const fVec* acc) {
-    fVec total = acc[0];
-    for (int j = 1; j < kParts; ++j) {
-      total = total + acc[j];
+  // Sum of all lanes of acc[kChains][kParts].
+  static inline acc_t reduce(const fVec (&acc)[kChains][kParts]) {
+    fVec total = acc[0][0];
+    for (int u = 0; u < kChains; ++u) {
+      for (int j = u == 0 ? 1 : 0; j < kParts; ++j) {
+        total = total + acc[u][j];
+      }
     }
     return at::vec::vec_reduce_all<acc_t>([](fVec& a, fVec& b) { return a + b; }, total);
+  }
+
+  static inline void zero(fVec (&acc)[kChains][kParts]) {
+    for (int u = 0; u < kChains; ++u) {
+      std::fill(acc[u], acc[u] + kParts, fVec(acc_t(0)));
+    }
   }
 
   // mean and rstd of one token by the corrected two-pass algorithm (Chan, Golub and LeVeque): the mean, then
@@ -63,25 +95,25 @@ struct Row {
   // anyway) and the second is a sum of non-negative terms, stable where E[x^2] - E[x]^2 is not. The token
   // is in L1 after the first pass.
   static inline void stats(const scalar_t* x, int64_t C, Norm norm, double eps, acc_t& mean, acc_t& rstd) {
-    fVec sum[kParts], sum_sq[kParts];
-    std::fill(sum, sum + kParts, fVec(acc_t(0)));
+    fVec sum[kChains][kParts], sum_sq[kChains][kParts];
+    zero(sum);
     mean = acc_t(0);
     if (norm == Norm::LayerNorm) {
-      for_blocks(x, C, [&](int64_t, int64_t, const fVec* v) {
+      for_blocks_chained(x, C, [&](int u, int64_t, int64_t, const fVec* v) {
         for (int j = 0; j < kParts; ++j) {
-          sum[j] = sum[j] + v[j];
+          sum[u][j] = sum[u][j] + v[j];
         }
       });
       mean = reduce(sum) / static_cast<acc_t>(C);
-      std::fill(sum, sum + kParts, fVec(acc_t(0)));
+      zero(sum);
     }
-    std::fill(sum_sq, sum_sq + kParts, fVec(acc_t(0)));
+    zero(sum_sq);
     const fVec mv(mean);
-    for_blocks(x, C, [&](int64_t, int64_t n, const fVec* v) {
+    for_blocks_chained(x, C, [&](int u, int64_t, int64_t n, const fVec* v) {
       for (int j = 0; j < kParts; ++j) {
         const fVec d = mask_tail(v[j] - mv, n, j);
-        sum[j] = sum[j] + d;
-        sum_sq[j] = at::vec::fmadd(d, d, sum_sq[j]);
+        sum[u][j] = sum[u][j] + d;
+        sum_sq[u][j] = at::vec::fmadd(d, d, sum_sq[u][j]);
       }
     });
     acc_t var, shift;
@@ -173,18 +205,18 @@ void backward_impl(const Params& p) {
           const fVec rv(rstd_in[tok]);
           fVec mean_g(acc_t(0)), mean_gx(acc_t(0));
           if (grad_x != nullptr) {
-            fVec sg[kParts], sgx[kParts];
-            std::fill(sg, sg + kParts, fVec(acc_t(0)));
-            std::fill(sgx, sgx + kParts, fVec(acc_t(0)));
-            R::for_blocks(xr, C, [&](int64_t i, int64_t n, const fVec* v) {
+            fVec sg[R::kChains][kParts], sgx[R::kChains][kParts];
+            R::zero(sg);
+            R::zero(sgx);
+            R::for_blocks_chained(xr, C, [&](int u, int64_t i, int64_t n, const fVec* v) {
               fVec dv[kParts], wv[kParts];
               R::IO::load(dy + i, n, dv);
               cpu::load_acc<acc_t, kParts>(weight + i, n, wv);
               for (int j = 0; j < kParts; ++j) {
                 // dy and w are zero past n, so g and g * xhat are too.
                 const fVec g = dv[j] * wv[j];
-                sg[j] = sg[j] + g;
-                sgx[j] = at::vec::fmadd(g, (v[j] - mv) * rv, sgx[j]);
+                sg[u][j] = sg[u][j] + g;
+                sgx[u][j] = at::vec::fmadd(g, (v[j] - mv) * rv, sgx[u][j]);
               }
             });
             const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
