@@ -9,7 +9,7 @@ runners (``vlfuse bench``) can import them. As pytest-benchmark:
 
 or a quick side-by-side table (implementations interleaved in one loop, median of repeats):
 
-    python benchmarks/bench_merge.py [--tokens 1024 4096] [--dtypes fp32 bf16] [--passes fwd fwd+bwd]
+    python benchmarks/bench_merge.py [--tokens 1024 4096] [--dtypes fp32 bf16] [--passes fwd fwd+bwd] [--threads 2]
 """
 
 from __future__ import annotations
@@ -139,8 +139,16 @@ def build(case: MergeCase, impl: str, device: str | torch.device = "cpu") -> Cal
 # ---- pytest-benchmark -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def _params():
+    """(case, impl) pairs; all but the 1024-token cases are marked slow (run with VLFUSE_SLOW=1)."""
+    return [
+        pytest.param(case, impl, id=f"{case.id}-{impl}", marks=() if case.tokens == 1024 else (pytest.mark.slow,))
+        for case in CASES
+        for impl in IMPLS
+    ]
+
+
+@pytest.mark.parametrize("case, impl", _params())
 def bench_merge(benchmark, case, impl):
     if impl == "copy" and case.op != "merge2x2":
         pytest.skip("the copy yardstick is for the memory-bound merge2x2")
@@ -177,7 +185,10 @@ def main() -> None:
     parser.add_argument("--passes", nargs="*", default=["fwd", "fwd+bwd"])
     parser.add_argument("--ops", nargs="*", default=["merge2x2", "PatchMerger"])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's setting)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
     print(f"{'case':40s} {'vlfuse ms':>10s} {'eager ms':>10s} {'compile ms':>10s} {'x eager':>8s} {'x compile':>9s} "
           f"{'GB/s':>7s} {'% copy':>7s}")

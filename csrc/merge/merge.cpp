@@ -14,6 +14,10 @@ VLFUSE_DECLARE_CPU_KERNEL(merge_backward_cpu_kernel, const ::vlfuse::merge::Para
 
 namespace vlfuse::merge {
 
+#ifdef VLFUSE_WITH_CUDA
+void merge_forward_cuda(const Params& p);
+void merge_backward_cuda(const Params& p);
+#endif
 
 namespace {
 
