@@ -469,3 +469,17 @@ def test_cuda_opcheck_and_embed_frames_vs_hf():
     cpu, cpu_grid = embed_frames(frames, weight)
     assert torch.equal(grid.cpu(), cpu_grid)
     assert_gemm_close(out.cpu(), cpu)
+
+
+def test_patch_embed_under_autocast_behaves_like_linear():
+    """bf16 autocast: the GEMM runs in bf16, gradients reach the float32 weight and bias as float32."""
+    patches = torch.randn(6, 3 * 2 * 14 * 14)
+    weight = (torch.randn(8, 3, 2, 14, 14) * 0.02).requires_grad_()
+    bias = torch.randn(8).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = patch_embed(patches, weight, bias)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert weight.grad.dtype == torch.float32 and bias.grad.dtype == torch.float32
+    want = ref.patch_embed(patches.bfloat16(), weight.detach().bfloat16(), bias.detach().bfloat16())
+    torch.testing.assert_close(out, want, rtol=2**-6, atol=2**-6)

@@ -169,3 +169,25 @@ def _patch_embed_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("vlfuse::patch_embed", _patch_embed_backward, setup_context=_patch_embed_setup)
+
+
+# ---- autocast ----------------------------------------------------------------------------------------------------
+# Like nn.Linear under autocast: the GEMM runs in the autocast dtype and the casts sit above autograd, so the
+# gradient reaches a float32 weight as float32. Without this rule the ATen GEMM inside the kernel would autocast on
+# its own while autograd saw the float32 weight, and backward would mix dtypes.
+_autocast_lib = torch.library.Library("vlfuse", "IMPL")
+
+
+def _patch_embed_autocast(device_type: str):
+    def kernel(patches: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return torch.ops.vlfuse.patch_embed(
+                patches.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+            )
+
+    return kernel
+
+
+for _device, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    _autocast_lib.impl("patch_embed", _patch_embed_autocast(_device), _key)

@@ -116,9 +116,8 @@ class VisionTransformer(nn.Module):
             )
 
     def _embed_patches(self, pixel_values: Tensor) -> Tensor:
-        """[N, C * Tp * P * P] -> [N, embed_dim]. Under autocast the weight is cast here, as autocast would cast a
-        Linear's: the patch_embed op has no autocast rule, and its GEMM would otherwise autocast inside the kernel
-        while its autograd keeps the float32 weight, so that backward would mix dtypes."""
+        """[N, C * Tp * P * P] -> [N, embed_dim]. Under autocast the weight is cast here, as autocast casts a
+        Linear's (the patch_embed op's own autocast rule does the same), so both backends see the same operands."""
         weight, bias = self.patch_embed.proj.weight, self.patch_embed.proj.bias
         device_type = weight.device.type
         if torch.is_autocast_enabled(device_type):
