@@ -8,6 +8,7 @@
 #include <cctype>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 
 namespace vlfuse {
 
@@ -87,7 +88,27 @@ inline const char* cpu_isa_name() {
   }
 }
 
+// The one hand-off from an op front to its kernels: the CPU kernel built for this CPU's ISA, or the CUDA kernel
+// (nullptr in a CPU-only build, see VLFUSE_CUDA_KERNEL), by the device of `like`.
+template <typename P>
+void run_kernel(const char* op, const at::Tensor& like, void (*cpu_kernel)(const P&),
+                std::type_identity_t<void (*)(const P&)> cuda_kernel, const P& p) {
+  if (like.is_cpu()) {
+    cpu_kernel(p);
+    return;
+  }
+  VLFUSE_CHECK(like.is_cuda() && cuda_kernel != nullptr, op, "no kernel for device ", like.device(),
+               " in this build (vlfuse.build_info() lists what was built)");
+  cuda_kernel(p);
+}
+
 }  // namespace vlfuse
+
+#ifdef VLFUSE_WITH_CUDA
+#define VLFUSE_CUDA_KERNEL(NAME) (&NAME)
+#else
+#define VLFUSE_CUDA_KERNEL(NAME) (nullptr)
+#endif
 
 // Declares a CPU kernel that each *_cpu.cpp defines inside `namespace vlfuse::VLFUSE_ISA_NS`, once per ISA.
 #if defined(__x86_64__) || defined(_M_X64)

@@ -151,17 +151,8 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2(const Tensor& x_in, const std::optio
   p.rstd = rstd.data_ptr();
   p.weight = w.data_ptr();
   p.bias = b.defined() ? b.data_ptr() : nullptr;
-  if (x.is_cpu()) {
-    if (S > 0) {
-      VLFUSE_CPU_KERNEL(merge_forward_cpu_kernel)(p);
-    }
-  } else {
-#ifdef VLFUSE_WITH_CUDA
-    TORCH_CHECK(x.is_cuda(), "vlfuse.merge2x2: no kernel for device ", x.device());
-    merge_forward_cuda(p);
-#else
-    TORCH_CHECK(false, "vlfuse.merge2x2: no kernel for device ", x.device());
-#endif
+  if (S > 0) {
+    run_kernel(op, x, VLFUSE_CPU_KERNEL(merge_forward_cpu_kernel), VLFUSE_CUDA_KERNEL(merge_forward_cuda), p);
   }
   return {out, mean, rstd};
 }
@@ -214,15 +205,8 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2_backward(const Tensor& grad_out_in, 
   if (S == 0) {
     grad_w.zero_();
     grad_b.zero_();
-  } else if (x.is_cpu()) {
-    VLFUSE_CPU_KERNEL(merge_backward_cpu_kernel)(p);
   } else {
-#ifdef VLFUSE_WITH_CUDA
-    TORCH_CHECK(x.is_cuda(), "vlfuse.merge2x2_backward: no kernel for device ", x.device());
-    merge_backward_cuda(p);
-#else
-    TORCH_CHECK(false, "vlfuse.merge2x2_backward: no kernel for device ", x.device());
-#endif
+    run_kernel(op, x, VLFUSE_CPU_KERNEL(merge_backward_cpu_kernel), VLFUSE_CUDA_KERNEL(merge_backward_cuda), p);
   }
   return {grad_x, grad_w.to(weight.scalar_type()), grad_b.to(weight.scalar_type())};
 }

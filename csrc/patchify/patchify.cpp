@@ -22,20 +22,9 @@ namespace {
 using at::Tensor;
 
 void launch(const Params& p, const Tensor& like) {
-  if (p.patches == 0) {
-    return;
+  if (p.patches > 0) {
+    run_kernel("patchify", like, VLFUSE_CPU_KERNEL(patchify_cpu_kernel), VLFUSE_CUDA_KERNEL(patchify_cuda_kernel), p);
   }
-  if (like.is_cpu()) {
-    VLFUSE_CPU_KERNEL(patchify_cpu_kernel)(p);
-    return;
-  }
-#ifdef VLFUSE_WITH_CUDA
-  if (like.is_cuda()) {
-    patchify_cuda_kernel(p);
-    return;
-  }
-#endif
-  TORCH_CHECK(false, "vlfuse: no patchify kernel for device ", like.device());
 }
 
 bool is_frame_dtype(at::ScalarType t) {

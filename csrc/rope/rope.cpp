@@ -19,20 +19,9 @@ namespace {
 using at::Tensor;
 
 void launch(const Params& p, const Tensor& like) {
-  if (p.tokens == 0) {
-    return;
+  if (p.tokens > 0) {
+    run_kernel("rope", like, VLFUSE_CPU_KERNEL(rope_cpu_kernel), VLFUSE_CUDA_KERNEL(rope_cuda_kernel), p);
   }
-  if (like.is_cpu()) {
-    VLFUSE_CPU_KERNEL(rope_cpu_kernel)(p);
-    return;
-  }
-#ifdef VLFUSE_WITH_CUDA
-  if (like.is_cuda()) {
-    rope_cuda_kernel(p);
-    return;
-  }
-#endif
-  TORCH_CHECK(false, "vlfuse: no rotary kernel for device ", like.device());
 }
 
 at::ScalarType acc_type(at::ScalarType t) {
