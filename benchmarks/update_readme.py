@@ -26,6 +26,12 @@ def _f(value, fmt: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _ms(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _limit(record: dict) -> str:
     if record.get("pct_of_limit") is None:
         return "–"
@@ -56,7 +62,7 @@ def device_section(path: str) -> list[str]:
         "",
         f"torch {machine['torch']}, transformers {machine.get('transformers')}, run {machine.get('date_utc', '?')}; "
         f"measured limits: copy {_f(machine.get('copy_gbs'), '.1f', ' GB/s')}, GEMM TFLOP/s "
-        + ", ".join(f"{k} {v:.2f}" for k, v in machine.get("gemm_tflops", {}).items())
+        + ", ".join(f"{k} {v:.3g}" for k, v in machine.get("gemm_tflops", {}).items())
         + f". Full results: `{os.path.basename(path)}` in benchmarks/results/.",
         "",
         "| op | case | dtype | pass | vlfuse ms | HF eager ms | compile ms | vs eager | vs compile | achieved "
@@ -69,15 +75,16 @@ def device_section(path: str) -> list[str]:
             mem = f"{r['mem_vlfuse_bytes'] / 2**20:.1f} / {r['mem_eager_bytes'] / 2**20:.1f}"
         rate = "–" if r.get("vlfuse_rate") is None else f"{r['vlfuse_rate']:.3g} {r['rate_unit']}"
         lines.append(
-            f"| {r['op']} | {r['case']} | {r['dtype']} | {r['pass']} | {_f(r['vlfuse_ms'], '.3g')} "
-            f"| {_f(r['eager_ms'], '.3g')} | {_f(r['compile_ms'], '.3g')} | {_f(r['speedup_eager'], '.2f', 'x')} "
+            f"| {r['op']} | {r['case']} | {r['dtype']} | {r['pass']} | {_ms(r['vlfuse_ms'])} "
+            f"| {_ms(r['eager_ms'])} | {_ms(r['compile_ms'])} | {_f(r['speedup_eager'], '.2f', 'x')} "
             f"| {_f(r['speedup_compile'], '.2f', 'x')} | {rate} | {_limit(r)} | {mem} | {_target(r)} |"
         )
     skipped = [r for r in report["results"] if r["check"] != "ok"]
     if skipped:
-        lines += ["", f"Not timed in this run ({len(skipped)}): " + "; ".join(
-            sorted({f"{r['op']} ({r['check'].split(':')[0]})" for r in skipped}))]
-    notes = sorted({n for r in report["results"] if r["check"] == "ok" for n in r.get("notes", [])})
+        lines += [""] + [f"- not timed: {r['op']} / {r['case']} / {r['dtype']} / {r['pass']}: {r['check']}" for r in skipped]
+    notes = sorted(
+        {f"{r['op']} / {r['case']} / {r['dtype']} / {r['pass']}: {n}" for r in report["results"] for n in r.get("notes", [])}
+    )
     if notes:
         lines += [""] + [f"- {n}" for n in notes]
     return lines

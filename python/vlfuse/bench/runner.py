@@ -79,6 +79,11 @@ class Prepared:
     setup: Setup
     grad_outputs: list[Tensor]
 
+    def clear_grads(self) -> None:
+        setup = self.setup
+        for leaf in [setup.args[i] for i in setup.grad_args] + [*setup.vlfuse_params, *setup.eager_params]:
+            leaf.grad = None
+
     def call(self, impl: str) -> Callable[[], list[Tensor]]:
         """impl: "vlfuse", "eager", or "compile" (torch.compile of the baseline, default mode, compiled on the
         first call)."""
@@ -206,7 +211,10 @@ def run_case(case: Case, options: RunOptions) -> dict:
     del expected
 
     if options.memory:
+        # the previous call's gradients are dropped first, or freeing them inside the window hides the new ones
+        prepared.clear_grads()
         record["mem_vlfuse_bytes"] = peak_bytes(calls["vlfuse"], device)
+        prepared.clear_grads()
         record["mem_eager_bytes"] = peak_bytes(calls["eager"], device)
 
     timed: dict[str, Callable[[], object]] = dict(calls)
