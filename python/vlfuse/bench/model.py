@@ -68,6 +68,8 @@ PARTS = {  # module name (both towers use HF's names) -> part
     r"merger": "merger (norm, 2x2 merge, MLP)",
 }
 
+PATCH_EMBED_OPS = ("vlfuse::patch_embed", "aten::conv3d")
+
 
 def part_breakdown(module: nn.Module, call: Callable[[], object]) -> dict[str, float]:
     """Milliseconds of one call per part: each part's modules are bracketed by profiler ranges (inclusive times, with
@@ -108,7 +110,10 @@ def part_breakdown(module: nn.Module, call: Callable[[], object]) -> dict[str, f
             totals[event.key[6:]] = totals.get(event.key[6:], 0.0) + ms
         elif event.key == "aten::scaled_dot_product_attention":
             totals["SDPA"] = totals.get("SDPA", 0.0) + ms
+        elif event.key in PATCH_EMBED_OPS:  # a tower may call the op without going through its module
+            totals["patch embed op"] = totals.get("patch embed op", 0.0) + ms
     parts = {part: totals.get(part, 0.0) for part in dict.fromkeys(PARTS.values())}
+    parts["patch embed"] = max(parts["patch embed"], totals.get("patch embed op", 0.0))
     core = parts.pop(CORE) - parts["attention qkv Linear"] - parts["attention proj Linear"]
     sdpa = min(totals.get("SDPA", 0.0), max(core, 0.0))
     parts["attention SDPA"] = sdpa
