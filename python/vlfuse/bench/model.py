@@ -131,19 +131,10 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
     grid = case.param("grid")
     count = tokens(grid)
     torch.manual_seed(0)
-    hf_tower = hf.Qwen2VisionTransformerPretrainedModel(hf_vision_config(depth=depth, llm_width=llm_width))
+    hf_config = hf_vision_config(depth=depth, llm_width=llm_width)
+    hf_tower = hf.Qwen2VisionTransformerPretrainedModel(hf_config)
     hf_tower = hf_tower.to(device=device, dtype=case.dtype).eval()
-    config = qwen2_vl.Qwen2VLVisionConfig(
-        depth=depth,
-        embed_dim=VISION.embed_dim,
-        hidden_size=llm_width,
-        num_heads=VISION.num_heads,
-        mlp_ratio=VISION.mlp_ratio,
-        in_channels=VISION.in_channels,
-        patch_size=VISION.patch_size,
-        temporal_patch_size=VISION.temporal_patch_size,
-        spatial_merge_size=VISION.merge_size,
-    )
+    config = qwen2_vl.Qwen2VLVisionConfig.from_hf_dict(hf_config.to_dict())
     tower = qwen2_vl.VisionTransformer(config, backend="vlfuse").to(device=device, dtype=case.dtype).eval()
     tower.load_state_dict(hf_tower.state_dict())
     pixel_values = torch.randn(count, VISION.patch_dim, device=device, dtype=torch.float32)
