@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "merge/merge.h"
+#include "cuda_vec.cuh"
 
 namespace vlfuse::merge {
 
@@ -27,10 +28,7 @@ constexpr int kForwardWarps = 8;
 constexpr int kBackwardWarps = 4;
 constexpr size_t kSharedLimit = 48 * 1024;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using cuda::Pack;
 
 template <typename T>
 __device__ inline T warp_sum(T v) {

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "rope/rope.h"
+#include "cuda_vec.cuh"
 
 namespace vlfuse::rope {
 
@@ -17,10 +18,7 @@ constexpr int kLanes = 64;
 constexpr int kMaxTokensPerBlock = 4;
 constexpr size_t kSharedLimit = 48 * 1024;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using cuda::Pack;
 
 template <typename acc_t>
 __device__ inline void sin_cos(acc_t a, acc_t* s, acc_t* c);
