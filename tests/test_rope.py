@@ -89,6 +89,28 @@ def test_rope_qkv_qwen2vl_2b_head_shape(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("head_dim", [2, 6, 20, 36, 80, 96])
+@pytest.mark.parametrize("layout", ["shd", "hsd"])
+def test_rope_qkv_head_dims_and_token_tiles(device, dtype, head_dim, layout):
+    # pair counts below, at, and past the CPU vector width (8 or 16 floats), with partial tails; 45 tokens span
+    # several of the CPU kernel's token tiles with a short last one. Forward and the backward op, vs the reference.
+    S, heads, axes = 45, 3, 2
+    qkv = torch.randn(S, 3 * heads * head_dim, device=device).to(dtype)
+    pos = torch.randint(0, 40, (S, axes), device=device)
+    freqs = torch.rand(axes, head_dim // 2, device=device)
+    t = rope_tol(dtype, ref.rope_angles(pos, freqs).abs().max().item())
+    for got, want in zip(ops.rope_qkv(qkv, pos, freqs, heads, layout), ref.rope_qkv(qkv, pos, freqs, heads, layout)):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, **t)
+    grads = [torch.randn(got.shape, device=device).to(dtype) for got in ref.rope_qkv(qkv, pos, freqs, heads, layout)]
+    got = torch.ops.vlfuse.rope_qkv_backward(*grads, pos, freqs, layout)
+    want = qkv.float().requires_grad_()
+    torch.autograd.backward(ref.rope_qkv(want, pos, freqs, heads, layout), [g.float() for g in grads])
+    torch.testing.assert_close(got.float(), want.grad, **t)
+
+
+@pytest.mark.parametrize("device", devices())
 def test_rope_qkv_non_unit_inner_stride_and_int32_positions(device):
     qkv, pos, freqs, _ = make_qkv([[1, 4, 4]], torch.float32, device)
     strided = qkv.t().contiguous().t()  # same values, column-major: stride(1) != 1
