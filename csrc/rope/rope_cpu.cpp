@@ -24,9 +24,10 @@ namespace {
 // floats, stays in L1.
 constexpr int64_t kTileTokens = 16;
 
-// Rows are walked token by token (reads stay sequential), but with the [H, S, D] ("hsd") layout a token's
-// outputs scatter over 3 * H streams, more than the hardware prefetchers follow: without help the stores miss
-// and stall (bf16 ran 2x slower). Each row of the token this far ahead is prefetched, for reading and writing.
+// Rows are walked token by token, so the packed [S, 3 * H * D] side is sequential; the [H, S, D] ("hsd") side
+// (outputs of the forward, gradients read by the backward) scatters over 3 * H streams, more than the hardware
+// prefetchers follow, and without help the accesses miss and stall (bf16 ran 2x slower). Every row of the token
+// this far ahead is prefetched, for reading and for writing.
 constexpr int64_t kPrefetchTokens = 2;
 
 // Per-pair coefficients of one token (see rope.h): c2/s2 alias c1/s1 when they are equal (angles).
