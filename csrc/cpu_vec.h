@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <type_traits>
 
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 namespace vlfuse::cpu {
 
 using at::vec::Vectorized;
@@ -124,6 +128,113 @@ inline void load_acc(const acc_t* p, int64_t n, Vectorized<acc_t>* out) {
     out[j] = m >= W ? Vectorized<acc_t>::loadu(p + j * W)
                     : (m > 0 ? Vectorized<acc_t>::loadu(p + j * W, m) : Vectorized<acc_t>(acc_t(0)));
   }
+}
+
+
+// Whole-block loads and stores for row kernels that only combine a block's elements lane by lane (with
+// broadcast values and with [C] tables such as a norm weight): they may hand the kernel the block's elements in
+// a permuted lane order, which is free for such a kernel as long as its tables are laid out the same way
+// (to_block_order) and anything per-channel it writes back is put back in natural order (from_block_order).
+// kPermuted says whether this type does. bfloat16 on AVX2 does: a block's two float vectors hold its even and
+// its odd elements, one shift or mask per vector each way, where the natural order costs ATen's cross-lane
+// widening (vextracti128, vpmovzxwd) and packing (vpackusdw, vpermq). Other types and ISAs keep the natural
+// order. Only whole blocks (kBlock elements) go through here; a row's shorter last block uses VecIO, in
+// natural order (to_block_order leaves it in place).
+template <typename scalar_t>
+struct BlockIO {
+  using IO = VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  static constexpr bool kPermuted = false;
+  static inline void load(const scalar_t* p, fVec* out) {
+    IO::load(p, IO::kBlock, out);
+  }
+  static inline void store(scalar_t* p, const fVec* v) {
+    IO::store(p, IO::kBlock, v);
+  }
+};
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+struct BlockIO<c10::BFloat16> {
+  using fVec = Vectorized<float>;
+  static constexpr bool kPermuted = true;
+  // Part 0 holds elements 0, 2, 4, ... of the block (a bfloat16 is the high half of its float), part 1
+  // elements 1, 3, 5, ...
+  static inline void load(const c10::BFloat16* p, fVec* out) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    out[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+  }
+  static inline void store(c10::BFloat16* p, const fVec* v) {
+    const __m256i even = _mm256_srli_epi32(round_to_high_half(v[0]), 16);
+    const __m256i odd = _mm256_and_si256(round_to_high_half(v[1]), _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
+  }
+
+ private:
+  // The float's bits rounded to nearest even at bit 16, so their high half is the bfloat16 (as c10's
+  // round_to_nearest_even); NaN becomes the quiet NaN 0x7FC0, whose payload the rounding could otherwise carry
+  // into the exponent.
+  static inline __m256i round_to_high_half(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    return _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan));
+  }
+};
+#endif
+
+// Index, within its block, of the element that BlockIO<scalar_t> puts in lane `lane` of part `part`.
+template <typename scalar_t>
+constexpr int64_t block_source_index(int part, int64_t lane) {
+  constexpr int64_t W = VecIO<scalar_t>::fVec::size();
+  return BlockIO<scalar_t>::kPermuted ? 2 * lane + part : part * W + lane;
+}
+
+// dst = the [C] table src with each whole block in BlockIO<scalar_t>'s lane order (the last, shorter block
+// as it is), so that whole-block kernels can load it with plain vector loads.
+template <typename scalar_t, typename T>
+void to_block_order(const T* src, int64_t C, T* dst) {
+  using IO = VecIO<scalar_t>;
+  constexpr int64_t W = IO::fVec::size();
+  const int64_t whole = C / IO::kBlock * IO::kBlock;
+  for (int64_t i = 0; i < whole; i += IO::kBlock) {
+    for (int part = 0; part < IO::kAccPerBlock; ++part) {
+      for (int64_t lane = 0; lane < W; ++lane) {
+        dst[i + part * W + lane] = src[i + block_source_index<scalar_t>(part, lane)];
+      }
+    }
+  }
+  for (int64_t i = whole; i < C; ++i) {
+    dst[i] = src[i];
+  }
+}
+
+// The inverse of to_block_order.
+template <typename scalar_t, typename T>
+void from_block_order(const T* src, int64_t C, T* dst) {
+  using IO = VecIO<scalar_t>;
+  constexpr int64_t W = IO::fVec::size();
+  const int64_t whole = C / IO::kBlock * IO::kBlock;
+  for (int64_t i = 0; i < whole; i += IO::kBlock) {
+    for (int part = 0; part < IO::kAccPerBlock; ++part) {
+      for (int64_t lane = 0; lane < W; ++lane) {
+        dst[i + block_source_index<scalar_t>(part, lane)] = src[i + part * W + lane];
+      }
+    }
+  }
+  for (int64_t i = whole; i < C; ++i) {
+    dst[i] = src[i];
+  }
+}
+
+// Asks for the cache line holding p in L1 ahead of its use (a hint: no effect on results, nor on bad addresses).
+inline void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 3);
+#endif
 }
 
 }  // namespace vlfuse::cpu

@@ -23,9 +23,10 @@ C10_HOST_DEVICE inline T normalize(T x, T mean, T rstd, T w, T b) {
   return (x - mean) * rstd * w + b;
 }
 
-// Second pass of the corrected two-pass statistics over d = x - mean0 (mean0 from the first pass; 0 for
-// RMSNorm): the mean's correction shift = sum_d / C and the variance. RMSNorm's "variance" is mean(x^2), with
-// no shift.
+// Statistics from the sums of d = x - K and of d^2 over a token, for a reference K near its mean (the CUDA
+// kernel's first-pass mean, the CPU kernel's estimate from the token's first elements; 0 for RMSNorm): the
+// mean's correction shift = sum_d / C (mean = K + shift) and the variance. RMSNorm's "variance" is
+// mean(x^2), with no shift.
 template <typename T>
 C10_HOST_DEVICE inline void corrected_moments(T sum_d, T sum_d2, T count, Norm norm, T& shift, T& var) {
   if (norm == Norm::LayerNorm) {

@@ -1,14 +1,23 @@
 // CPU norm + m x m merge kernels. Compiled once per ISA (see CMakeLists.txt). Forward: parallel over output
-// rows; each of a row's m^2 source tokens is read from memory once (its statistics are two passes over the
-// token while it sits in L1: sum, then the sum of squared deviations, which is stable where E[x^2] - E[x]^2 is
-// not) and its normalized values are written straight into the merged row. Backward: the same walk, with
-// per-chunk weight/bias partial sums reduced in a fixed order at the end.
+// rows; each of a row's m^2 source tokens is read from memory once, in one statistics pass (shifted sums, see
+// Row::stats), and its normalized values are written straight into the merged row by a second pass over the
+// token while it sits in L1. Backward: the same walk, two passes per token (the two row sums of the input
+// gradient, then the gradient itself), with per-chunk weight/bias partial sums reduced in a fixed order at the
+// end. Both prefetch the next token during a token's last pass, so its first pass does not wait on memory.
+//
+// The row passes keep their accumulators in registers: every loop below is over whole blocks with a
+// compile-time width (Full) and compile-time accumulator indices, and only the last, shorter block of a row
+// takes the partial load/store path. Whole blocks go through cpu::BlockIO, whose lane order may be permuted
+// (bfloat16 on AVX2): the [C] weight and bias are laid out in that order once per call, and the weight/bias
+// gradients put back in natural order at the end.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <functional>
+#include <memory>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -28,139 +37,277 @@ struct Row {
   using acc_t = typename IO::acc_t;
   using fVec = typename IO::fVec;
   static constexpr int kParts = IO::kAccPerBlock;
+  static constexpr int64_t kBlock = IO::kBlock;
   static constexpr int64_t W = fVec::size();
+  // Independent accumulator vectors per reduction: one chain of dependent adds would make every pass
+  // latency-bound (C / W adds in a row); four keep the adders busy. kUnroll blocks make up one step.
+  static constexpr int kAcc = 4;
+  static constexpr int kUnroll = kAcc / kParts;
+  using Full = std::integral_constant<int64_t, kBlock>;
+  template <int U>
+  using Slot = std::integral_constant<int, U>;
 
-  // Calls f(i, n, v) for each block of up to kBlock elements of the row, v its values with lanes past n zero.
+  // Calls f(i, n, slot) for each block [i, i + n) of a row of C elements: n is Full{} (so the loads and stores
+  // in f compile to their full-width form) for all but a shorter last block, and slot (a compile-time
+  // integral_constant in [0, kUnroll)) names the accumulator set the block adds into.
   template <typename F>
-  static inline void for_blocks(const scalar_t* x, int64_t C, F&& f) {
-    for (int64_t i = 0; i < C; i += IO::kBlock) {
-      const int64_t n = std::min<int64_t>(IO::kBlock, C - i);
-      fVec v[kParts];
-      IO::load(x + i, n, v);
-      f(i, n, v);
-    }
-  }
-
-  // Independent accumulator sets for the row reductions: one chain of dependent adds would make every pass
-  // latency-bound (C / W adds in a row); kChains chains keep the FMA units busy.
-  static constexpr int kChains = 4 / kParts;
-
-  // Like for_blocks, but also passes u = the accumulator chain the block belongs to (block index % kChains).
-  template <typename F>
-  static inline void for_blocks_chained(const scalar_t* x, int64_t C, F&& f) {
+  static inline void for_blocks(int64_t C, F&& f) {
     int64_t i = 0;
-    for (; i + kChains * IO::kBlock <= C; i += kChains * IO::kBlock) {
-      for (int u = 0; u < kChains; ++u) {
-        fVec v[kParts];
-        IO::load(x + i + u * IO::kBlock, IO::kBlock, v);
-        f(u, i + u * IO::kBlock, IO::kBlock, v);
-      }
+    for (; i + kUnroll * kBlock <= C; i += kUnroll * kBlock) {
+      [&]<int... U>(std::integer_sequence<int, U...>) {
+        (f(i + U * kBlock, Full{}, Slot<U>{}), ...);
+      }(std::make_integer_sequence<int, kUnroll>{});
     }
-    for (int u = 0; i < C; i += IO::kBlock, ++u) {
-      const int64_t n = std::min<int64_t>(IO::kBlock, C - i);
-      fVec v[kParts];
-      IO::load(x + i, n, v);
-      f(u, i, n, v);
+    for (; i + kBlock <= C; i += kBlock) {
+      f(i, Full{}, Slot<0>{});
+    }
+    if (i < C) {
+      f(i, C - i, Slot<0>{});
     }
   }
 
-  // Zeroes the lanes of part j of a block that lie past its n valid elements.
-  static inline fVec mask_tail(const fVec& v, int64_t n, int j) {
-    const int64_t valid = n - j * W;
-    if (valid >= W) {
+  // Loads n elements of a token (lanes past n zero); whole blocks in BlockIO's lane order.
+  template <typename N>
+  static inline void load(const scalar_t* p, N n, fVec* v) {
+    if constexpr (std::is_same_v<N, Full>) {
+      cpu::BlockIO<scalar_t>::load(p, v);
+    } else {
+      IO::load(p, n, v);
+    }
+  }
+
+  template <typename N>
+  static inline void store(scalar_t* p, N n, const fVec* v) {
+    if constexpr (std::is_same_v<N, Full>) {
+      cpu::BlockIO<scalar_t>::store(p, v);
+    } else {
+      IO::store(p, n, v);
+    }
+  }
+
+  // Loads n elements of a [C] acc_t table laid out by block_order (lanes past n zero).
+  template <typename N>
+  static inline void load_table(const acc_t* p, N n, fVec* v) {
+    if constexpr (std::is_same_v<N, Full>) {
+      for (int j = 0; j < kParts; ++j) {
+        v[j] = fVec::loadu(p + j * W);
+      }
+    } else {
+      cpu::load_acc<acc_t, kParts>(p, n, v);
+    }
+  }
+
+  // A [C] table in BlockIO's lane order: the table itself where that is the natural order, else a copy kept in
+  // `storage`. Null stays null.
+  static const acc_t* block_order(const acc_t* table, int64_t C, std::vector<acc_t>& storage) {
+    if (!cpu::BlockIO<scalar_t>::kPermuted || table == nullptr) {
+      return table;
+    }
+    storage.resize(C);
+    cpu::to_block_order<scalar_t>(table, C, storage.data());
+    return storage.data();
+  }
+
+  // Zeroes the lanes of part j of a block that lie past its n valid elements (a no-op for full blocks).
+  template <typename N>
+  static inline fVec mask_tail(const fVec& v, N n, int j) {
+    if constexpr (std::is_same_v<N, Full>) {
       return v;
+    } else {
+      const int64_t valid = n - j * W;
+      if (valid >= W) {
+        return v;
+      }
+      return valid <= 0 ? fVec(acc_t(0)) : fVec::set(fVec(acc_t(0)), v, valid);
     }
-    return valid <= 0 ? fVec(acc_t(0)) : fVec::set(fVec(acc_t(0)), v, valid);
   }
 
-  // Sum of all lanes of acc[kChains][kParts].
-  static inline acc_t reduce(const fVec (&acc)[kChains][kParts]) {
-    fVec total = acc[0][0];
-    for (int u = 0; u < kChains; ++u) {
-      for (int j = u == 0 ? 1 : 0; j < kParts; ++j) {
-        total = total + acc[u][j];
-      }
+  static inline void zero(fVec (&acc)[kAcc]) {
+    for (int a = 0; a < kAcc; ++a) {
+      acc[a] = fVec(acc_t(0));
     }
+  }
+
+  static inline acc_t reduce(const fVec (&acc)[kAcc]) {
+    const fVec total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     return at::vec::vec_reduce_all<acc_t>([](fVec& a, fVec& b) { return a + b; }, total);
   }
 
-  static inline void zero(fVec (&acc)[kChains][kParts]) {
-    for (int u = 0; u < kChains; ++u) {
-      std::fill(acc[u], acc[u] + kParts, fVec(acc_t(0)));
-    }
-  }
-
-  // mean and rstd of one token by the corrected two-pass algorithm (Chan, Golub and LeVeque): the mean, then
-  // the sums of d = x - mean and of d^2; the first corrects the rounding of the mean (free: d is computed
-  // anyway) and the second is a sum of non-negative terms, stable where E[x^2] - E[x]^2 is not. The token
-  // is in L1 after the first pass.
-  static inline void stats(const scalar_t* x, int64_t C, Norm norm, double eps, acc_t& mean, acc_t& rstd) {
-    fVec sum[kChains][kParts], sum_sq[kChains][kParts];
-    zero(sum);
-    mean = acc_t(0);
-    if (norm == Norm::LayerNorm) {
-      for_blocks_chained(x, C, [&](int u, int64_t, int64_t, const fVec* v) {
-        for (int j = 0; j < kParts; ++j) {
-          sum[u][j] = sum[u][j] + v[j];
-        }
-      });
-      mean = reduce(sum) / static_cast<acc_t>(C);
-      zero(sum);
-    }
-    zero(sum_sq);
-    const fVec mv(mean);
-    for_blocks_chained(x, C, [&](int u, int64_t, int64_t n, const fVec* v) {
+  // Sum of the first n elements of a token.
+  static inline acc_t sum(const scalar_t* x, int64_t n) {
+    fVec acc[kAcc];
+    zero(acc);
+    for_blocks(n, [&](int64_t i, auto len, auto slot) {
+      fVec v[kParts];
+      load(x + i, len, v);
       for (int j = 0; j < kParts; ++j) {
-        const fVec d = mask_tail(v[j] - mv, n, j);
-        sum[u][j] = sum[u][j] + d;
-        sum_sq[u][j] = at::vec::fmadd(d, d, sum_sq[u][j]);
+        acc[slot * kParts + j] += v[j];
       }
     });
-    acc_t var, shift;
-    merge::corrected_moments(reduce(sum), reduce(sum_sq), static_cast<acc_t>(C), norm, shift, var);
-    mean += shift;
+    return reduce(acc);
+  }
+
+  // mean and rstd of one token in one pass over it, by shifted sums: with K an estimate of the mean, the sums
+  // of d = x - K and of d^2 give mean = K + sum_d / C and var = sum_d2 / C - (sum_d / C)^2. Their rounding
+  // error is that of a sum of squares of size C * (var + (mean - K)^2), so K needs to be near the mean on the
+  // scale of the standard deviation; E[x^2] - E[x]^2 (K = 0) loses every digit for tokens with a large common
+  // offset. K is the mean of the token's first n0 >= C / 8 elements (all of them for C <= 64), which by
+  // Cauchy-Schwarz gives (mean - K)^2 <= (C / n0) var <= 8 var: the error is a few roundings of var, whatever
+  // the offset, at the cost of re-reading C / 8 elements that are in L1. RMSNorm's "variance" is mean(x^2)
+  // itself (K = 0).
+  static inline void stats(const scalar_t* x, int64_t C, Norm norm, double eps, acc_t& mean, acc_t& rstd) {
+    acc_t shift = acc_t(0);
+    if (norm == Norm::LayerNorm) {
+      const int64_t n0 = std::min<int64_t>(C, std::max<int64_t>(64, C / 8));
+      shift = sum(x, n0) / static_cast<acc_t>(n0);
+    }
+    fVec sum_d[kAcc], sum_d2[kAcc];
+    zero(sum_d);
+    zero(sum_d2);
+    const fVec kv(shift);
+    for_blocks(C, [&](int64_t i, auto n, auto slot) {
+      fVec v[kParts];
+      load(x + i, n, v);
+      for (int j = 0; j < kParts; ++j) {
+        const fVec d = mask_tail(v[j] - kv, n, j);
+        sum_d[slot * kParts + j] += d;
+        sum_d2[slot * kParts + j] = at::vec::fmadd(d, d, sum_d2[slot * kParts + j]);
+      }
+    });
+    acc_t var, correction;
+    merge::corrected_moments(reduce(sum_d), reduce(sum_d2), static_cast<acc_t>(C), norm, correction, var);
+    mean = shift + correction;
     rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
   }
+
+  // The per-token work takes everything by value: the kernels' vector stores may alias any memory, so values
+  // read through the parallel lambda's captures would be reloaded after every store of the inner loops.
+
+  // Normalizes token x [C] into y [C] (weight and bias in block order, bias may be null) and returns its
+  // statistics; prefetches the token read next, next_x.
+  static inline void forward_token(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias,
+                                   int64_t C, Norm norm, double eps, const scalar_t* next_x, acc_t& mean,
+                                   acc_t& rstd) {
+    stats(x, C, norm, eps, mean, rstd);
+    const fVec mv(mean), rv(rstd);
+    for_blocks(C, [&](int64_t i, auto n, auto) {
+      cpu::prefetch(next_x + i);
+      fVec v[kParts], wv[kParts], bv[kParts], yv[kParts];
+      load(x + i, n, v);
+      load_table(weight + i, n, wv);
+      if (bias != nullptr) {
+        load_table(bias + i, n, bv);
+      } else {
+        std::fill(bv, bv + kParts, fVec(acc_t(0)));
+      }
+      for (int j = 0; j < kParts; ++j) {
+        yv[j] = merge::normalize<fVec>(v[j], mv, rv, wv[j], bv[j]);
+      }
+      store(y + i, n, yv);
+    });
+  }
+
+  // Backward of one token x [C] given its output gradient dy [C]: writes dx [C] (when not null) and adds
+  // dy * xhat and dy to the partial sums pw and pb [C] (when not null; all in block order). mean is 0 for
+  // RMSNorm. Prefetches the token read next (next_x, next_dy).
+  static inline void backward_token(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const acc_t* weight,
+                                    acc_t mean, acc_t rstd, int64_t C, Norm norm, acc_t* pw, acc_t* pb,
+                                    const scalar_t* next_x, const scalar_t* next_dy) {
+    const fVec mv(mean), rv(rstd);
+    fVec mean_g(acc_t(0)), mean_gx(acc_t(0));
+    if (dx != nullptr) {
+      fVec sg[kAcc], sgx[kAcc];
+      zero(sg);
+      zero(sgx);
+      for_blocks(C, [&](int64_t i, auto n, auto slot) {
+        fVec v[kParts], dv[kParts], wv[kParts];
+        load(x + i, n, v);
+        load(dy + i, n, dv);
+        load_table(weight + i, n, wv);
+        for (int j = 0; j < kParts; ++j) {
+          // dy and w are zero past n, so g and g * xhat are too.
+          const fVec g = dv[j] * wv[j];
+          sg[slot * kParts + j] += g;
+          sgx[slot * kParts + j] = at::vec::fmadd(g, (v[j] - mv) * rv, sgx[slot * kParts + j]);
+        }
+      });
+      const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+      mean_g = fVec(norm == Norm::LayerNorm ? reduce(sg) * inv_c : acc_t(0));
+      mean_gx = fVec(reduce(sgx) * inv_c);
+    }
+    for_blocks(C, [&](int64_t i, auto n, auto) {
+      cpu::prefetch(next_x + i);
+      cpu::prefetch(next_dy + i);
+      fVec v[kParts], dv[kParts], wv[kParts], dxv[kParts];
+      load(x + i, n, v);
+      load(dy + i, n, dv);
+      load_table(weight + i, n, wv);
+      for (int j = 0; j < kParts; ++j) {
+        const fVec xhat = (v[j] - mv) * rv;
+        dxv[j] = merge::norm_grad_input<fVec>(dv[j] * wv[j], xhat, rv, mean_g, mean_gx);
+        const int64_t off = i + j * W;
+        if constexpr (std::is_same_v<decltype(n), Full>) {
+          if (pw != nullptr) {
+            at::vec::fmadd(dv[j], xhat, fVec::loadu(pw + off)).store(pw + off);
+          }
+          if (pb != nullptr) {
+            (fVec::loadu(pb + off) + dv[j]).store(pb + off);
+          }
+        } else {
+          // The last, shorter block: only its valid lanes of the partial sums exist.
+          const int64_t valid = std::min<int64_t>(W, n - j * W);
+          if (valid > 0 && pw != nullptr) {
+            at::vec::fmadd(dv[j], xhat, fVec::loadu(pw + off, valid)).store(pw + off, valid);
+          }
+          if (valid > 0 && pb != nullptr) {
+            (fVec::loadu(pb + off, valid) + dv[j]).store(pb + off, valid);
+          }
+        }
+      }
+      if (dx != nullptr) {
+        store(dx + i, n, dxv);
+      }
+    });
+  }
 };
+
+// Walk position (row, slot) of the token read after slot k of row r (the same for the last one): the token
+// whose first pass the current one's last pass prefetches for.
+inline std::pair<int64_t, int64_t> next_slot(const Params& p, int64_t r, int64_t k) {
+  const int64_t mm = p.merge_size * p.merge_size;
+  const int64_t next = std::min(r * mm + k + 1, p.tokens - 1);
+  return {next / mm, next % mm};
+}
+
+inline int64_t token_at(const Params& p, int64_t r, int64_t k) {
+  return merge::source_token(p.order, r, k, p.merge_size, p.grid, p.grid_stride0, p.grid_stride1, p.offsets,
+                             p.items);
+}
 
 template <typename scalar_t>
 void forward_impl(const Params& p) {
   using R = Row<scalar_t>;
   using acc_t = typename R::acc_t;
-  using fVec = typename R::fVec;
-  constexpr int kParts = R::kParts;
-  const int64_t C = p.channels, m = p.merge_size, mm = m * m, rows = p.tokens / mm;
+  const int64_t C = p.channels, mm = p.merge_size * p.merge_size, rows = p.tokens / mm;
   const auto* x = static_cast<const scalar_t*>(p.x);
   auto* out = static_cast<scalar_t*>(p.out);
   auto* mean_out = static_cast<acc_t*>(p.mean);
   auto* rstd_out = static_cast<acc_t*>(p.rstd);
-  const auto* weight = static_cast<const acc_t*>(p.weight);
-  const auto* bias = static_cast<const acc_t*>(p.bias);
+  std::vector<acc_t> weight_storage, bias_storage;
+  const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, weight_storage);
+  const acc_t* bias = R::block_order(static_cast<const acc_t*>(p.bias), C, bias_storage);
   const int64_t grain = std::max<int64_t>(1, 32768 / (mm * C));
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t k = 0; k < mm; ++k) {
-        const int64_t tok =
-            merge::source_token(p.order, r, k, m, p.grid, p.grid_stride0, p.grid_stride1, p.offsets, p.items);
+        const int64_t tok = token_at(p, r, k);
         const scalar_t* xr = x + tok * p.x_stride;
         scalar_t* y = out + (r * mm + k) * C;
+        const auto [next_r, next_k] = next_slot(p, r, k);
         acc_t mean, rstd;
-        R::stats(xr, C, p.norm, p.eps, mean, rstd);
-        const fVec mv(mean), rv(rstd);
-        R::for_blocks(xr, C, [&](int64_t i, int64_t n, const fVec* v) {
-          fVec wv[kParts], bv[kParts], yv[kParts];
-          cpu::load_acc<acc_t, kParts>(weight + i, n, wv);
-          if (bias != nullptr) {
-            cpu::load_acc<acc_t, kParts>(bias + i, n, bv);
-          } else {
-            std::fill(bv, bv + kParts, fVec(acc_t(0)));
-          }
-          for (int j = 0; j < kParts; ++j) {
-            yv[j] = merge::normalize<fVec>(v[j], mv, rv, wv[j], bv[j]);
-          }
-          R::IO::store(y + i, n, yv);
-        });
+        R::forward_token(xr, y, weight, bias, C, p.norm, p.eps, x + token_at(p, next_r, next_k) * p.x_stride, mean,
+                         rstd);
         if (mean_out != nullptr) {
           mean_out[tok] = mean;
         }
@@ -175,97 +322,67 @@ void backward_impl(const Params& p) {
   using R = Row<scalar_t>;
   using acc_t = typename R::acc_t;
   using fVec = typename R::fVec;
-  constexpr int kParts = R::kParts;
-  const int64_t C = p.channels, m = p.merge_size, mm = m * m, rows = p.tokens / mm;
+  constexpr int64_t W = R::W;
+  const int64_t C = p.channels, mm = p.merge_size * p.merge_size, rows = p.tokens / mm;
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* grad_out = static_cast<const scalar_t*>(p.grad_out);
   auto* grad_x = static_cast<scalar_t*>(p.grad_x);
   const auto* mean_in = static_cast<const acc_t*>(p.mean);
   const auto* rstd_in = static_cast<const acc_t*>(p.rstd);
-  const auto* weight = static_cast<const acc_t*>(p.weight);
+  std::vector<acc_t> weight_storage;
+  const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, weight_storage);
   const bool want_w = p.grad_weight != nullptr, want_b = p.grad_bias != nullptr;
-  // A fixed split into at most 64 chunks (not one per thread), so the partial sums, and hence the weight and
+  // A fixed split into at most 32 chunks (not one per thread), so the partial sums, and hence the weight and
   // bias gradients, do not depend on the thread count.
-  const int64_t rows_per_chunk = std::max<int64_t>((rows + 63) / 64, std::max<int64_t>(1, 8192 / (mm * C)));
+  const int64_t rows_per_chunk = std::max<int64_t>((rows + 31) / 32, std::max<int64_t>(1, 16384 / (mm * C)));
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  std::vector<acc_t> partial(want_w || want_b ? chunks * 2 * C : 0, acc_t(0));
+  // Each chunk's [2, C] partial sums (weight, bias; in block order) are zeroed by the thread that fills them.
+  std::unique_ptr<acc_t[]> partial(want_w || want_b ? new acc_t[chunks * 2 * C] : nullptr);
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* pw = partial.empty() ? nullptr : partial.data() + chunk * 2 * C;
+      acc_t* pw = partial ? partial.get() + chunk * 2 * C : nullptr;
       acc_t* pb = pw == nullptr ? nullptr : pw + C;
+      if (pw != nullptr) {
+        std::fill(pw, pw + 2 * C, acc_t(0));
+      }
       const int64_t r_end = std::min(rows, (chunk + 1) * rows_per_chunk);
       for (int64_t r = chunk * rows_per_chunk; r < r_end; ++r) {
         for (int64_t k = 0; k < mm; ++k) {
-          const int64_t tok =
-              merge::source_token(p.order, r, k, m, p.grid, p.grid_stride0, p.grid_stride1, p.offsets, p.items);
+          const int64_t tok = token_at(p, r, k);
           const scalar_t* xr = x + tok * p.x_stride;
-          const scalar_t* dy = grad_out + r * p.grad_out_stride + k * C;
-          const fVec mv(mean_in != nullptr ? mean_in[tok] : acc_t(0));
-          const fVec rv(rstd_in[tok]);
-          fVec mean_g(acc_t(0)), mean_gx(acc_t(0));
-          if (grad_x != nullptr) {
-            fVec sg[R::kChains][kParts], sgx[R::kChains][kParts];
-            R::zero(sg);
-            R::zero(sgx);
-            R::for_blocks_chained(xr, C, [&](int u, int64_t i, int64_t n, const fVec* v) {
-              fVec dv[kParts], wv[kParts];
-              R::IO::load(dy + i, n, dv);
-              cpu::load_acc<acc_t, kParts>(weight + i, n, wv);
-              for (int j = 0; j < kParts; ++j) {
-                // dy and w are zero past n, so g and g * xhat are too.
-                const fVec g = dv[j] * wv[j];
-                sg[u][j] = sg[u][j] + g;
-                sgx[u][j] = at::vec::fmadd(g, (v[j] - mv) * rv, sgx[u][j]);
-              }
-            });
-            const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-            mean_g = fVec(p.norm == Norm::LayerNorm ? R::reduce(sg) * inv_c : acc_t(0));
-            mean_gx = fVec(R::reduce(sgx) * inv_c);
-          }
-          R::for_blocks(xr, C, [&](int64_t i, int64_t n, const fVec* v) {
-            fVec dv[kParts], wv[kParts], dx[kParts];
-            R::IO::load(dy + i, n, dv);
-            cpu::load_acc<acc_t, kParts>(weight + i, n, wv);
-            for (int j = 0; j < kParts; ++j) {
-              const fVec xhat = (v[j] - mv) * rv;
-              dx[j] = merge::norm_grad_input<fVec>(dv[j] * wv[j], xhat, rv, mean_g, mean_gx);
-              const int64_t off = i + j * R::W;
-              const int64_t valid = std::min<int64_t>(R::W, n - j * R::W);
-              if (valid <= 0) {
-                continue;
-              }
-              if (want_w) {
-                at::vec::fmadd(dv[j], xhat, fVec::loadu(pw + off, valid)).store(pw + off, valid);
-              }
-              if (want_b) {
-                (fVec::loadu(pb + off, valid) + dv[j]).store(pb + off, valid);
-              }
-            }
-            if (grad_x != nullptr) {
-              R::IO::store(grad_x + tok * C + i, n, dx);
-            }
-          });
+          const auto [next_r, next_k] = next_slot(p, r, k);
+          R::backward_token(xr, grad_out + r * p.grad_out_stride + k * C,
+                            grad_x != nullptr ? grad_x + tok * C : nullptr, weight,
+                            mean_in != nullptr ? mean_in[tok] : acc_t(0), rstd_in[tok], C, p.norm,
+                            want_w ? pw : nullptr, want_b ? pb : nullptr,
+                            x + token_at(p, next_r, next_k) * p.x_stride,
+                            grad_out + next_r * p.grad_out_stride + next_k * C);
         }
       }
     }
   });
 
-  if (partial.empty()) {
+  if (!partial) {
     return;
   }
   acc_t* outs[2] = {static_cast<acc_t*>(p.grad_weight), static_cast<acc_t*>(p.grad_bias)};
+  std::vector<acc_t> total(C);
   for (int which = 0; which < 2; ++which) {
     if (outs[which] == nullptr) {
       continue;
     }
-    for (int64_t c = 0; c < C; c += R::W) {
-      const int64_t n = std::min<int64_t>(R::W, C - c);
-      fVec total(acc_t(0));
+    acc_t* sum = cpu::BlockIO<scalar_t>::kPermuted ? total.data() : outs[which];
+    for (int64_t c = 0; c < C; c += W) {
+      const int64_t n = std::min<int64_t>(W, C - c);
+      fVec acc(acc_t(0));
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        total = total + fVec::loadu(partial.data() + (chunk * 2 + which) * C + c, n);
+        acc = acc + fVec::loadu(partial.get() + (chunk * 2 + which) * C + c, n);
       }
-      total.store(outs[which] + c, n);
+      acc.store(sum + c, n);
+    }
+    if (cpu::BlockIO<scalar_t>::kPermuted) {
+      cpu::from_block_order<scalar_t>(total.data(), C, outs[which]);
     }
   }
 }
