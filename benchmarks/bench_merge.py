@@ -165,6 +165,9 @@ def bench_merge(benchmark, case, impl):
 def measure(case: MergeCase, repeats: int = 15, device: str = "cpu") -> dict[str, float]:
     """Median milliseconds per implementation, the implementations interleaved in each repeat."""
     impls = [i for i in IMPLS if i != "copy" or case.op == "merge2x2"]
+    # Every case compiles the same `fn` code object again; past dynamo's recompile limit (8) torch.compile would
+    # silently run it eagerly, so later cases would time eager under the "compile" label.
+    torch._dynamo.reset()
     fns = {impl: build(case, impl, device) for impl in impls}
     for fn in fns.values():
         fn()
