@@ -217,6 +217,25 @@ def test_qwen2vl_width_and_statistics_are_stable(device):
 
 
 @pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_non_finite_token_stays_in_its_rows(device, dtype):
+    """A NaN or inf in one token makes that token's output (and input gradient) NaN and leaves the other tokens
+    exact: the kernels' whole-block paths (bf16: even/odd lanes, its own rounding) keep NaN a NaN."""
+    x = torch.randn(8, 1280).to(device=device, dtype=dtype)
+    x[1, 5], x[6, 1279] = float("nan"), float("inf")
+    weight = (torch.rand(1280) + 0.5).to(device=device, dtype=dtype)
+    bias = torch.randn(1280).to(device=device, dtype=dtype)
+    xg = x.clone().requires_grad_(True)
+    got = ops.merge2x2(xg, None, weight, bias).view(8, 1280)
+    got.float().sum().backward()
+    finite = [0, 2, 3, 4, 5, 7]
+    assert got[[1, 6]].isnan().all() and xg.grad[[1, 6]].isnan().all()
+    assert torch.isfinite(got[finite]).all() and torch.isfinite(xg.grad[finite]).all()
+    want = ref.merge2x2(x[finite], None, weight, bias, merge_size=1)
+    torch.testing.assert_close(got[finite], want, **tol(dtype, scale=4))
+
+
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("grid", [torch.zeros(0, 3, dtype=torch.int64), torch.tensor([[1, 0, 4], [0, 2, 2]])])
 def test_zero_tokens(device, grid):
     x = torch.zeros(0, CHANNELS, device=device, requires_grad=True)

@@ -31,8 +31,10 @@ template <typename T>
 C10_HOST_DEVICE inline void corrected_moments(T sum_d, T sum_d2, T count, Norm norm, T& shift, T& var) {
   if (norm == Norm::LayerNorm) {
     shift = sum_d / count;
+    // Clamps rounding below zero but keeps a NaN (an inf in the token makes sum_d2 / count - shift^2 = inf - inf)
+    // a NaN, so that token's output is NaN as in torch's layer_norm.
     const T v = sum_d2 / count - shift * shift;
-    var = v > T(0) ? v : T(0);
+    var = v < T(0) ? T(0) : v;
   } else {
     shift = T(0);
     var = sum_d2 / count;
