@@ -22,6 +22,13 @@ static py::dict build_info() {
   info["cuda_archs"] = std::string(VLFUSE_CUDA_ARCHS);
   info["cpu_isas_built"] = std::string(VLFUSE_ISAS);
   info["cpu_isa"] = std::string(vlfuse::cpu_isa_name());
+  // Built with the same flags as the CPU kernel objects (CMakeLists.txt): false means at::parallel_for runs
+  // every CPU kernel on one thread.
+#ifdef _OPENMP
+  info["cpu_openmp"] = true;
+#else
+  info["cpu_openmp"] = false;
+#endif
 #if defined(__clang__)
   info["compiler"] = std::string("clang ") + __clang_version__;
 #elif defined(__GNUC__)

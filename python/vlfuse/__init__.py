@@ -37,6 +37,7 @@ def build_info() -> dict:
             "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "cpu_isa": built["cpu_isa"],
             "cpu_isas_built": built["cpu_isas_built"].split(","),
+            "cpu_openmp": bool(built["cpu_openmp"]),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             "compiler": built.get("compiler"),
