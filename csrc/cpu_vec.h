@@ -134,12 +134,12 @@ inline void load_acc(const acc_t* p, int64_t n, Vectorized<acc_t>* out) {
 // Whole-block loads and stores for row kernels that only combine a block's elements lane by lane (with
 // broadcast values and with [C] tables such as a norm weight): they may hand the kernel the block's elements in
 // a permuted lane order, which is free for such a kernel as long as its tables are laid out the same way
-// (to_block_order) and anything per-channel it writes back is put back in natural order (from_block_order).
+// (reorder_blocks, to_block) and anything per-channel it writes back is put back in natural order (to_block false).
 // kPermuted says whether this type does. bfloat16 on AVX2 does: a block's two float vectors hold its even and
 // its odd elements, one shift or mask per vector each way, where the natural order costs ATen's cross-lane
 // widening (vextracti128, vpmovzxwd) and packing (vpackusdw, vpermq). Other types and ISAs keep the natural
 // order. Only whole blocks (kBlock elements) go through here; a row's shorter last block uses VecIO, in
-// natural order (to_block_order leaves it in place).
+// natural order (reorder_blocks leaves it in place).
 template <typename scalar_t>
 struct BlockIO {
   using IO = VecIO<scalar_t>;
@@ -193,35 +193,23 @@ constexpr int64_t block_source_index(int part, int64_t lane) {
   return BlockIO<scalar_t>::kPermuted ? 2 * lane + part : part * W + lane;
 }
 
-// dst = the [C] table src with each whole block in BlockIO<scalar_t>'s lane order (the last, shorter block
-// as it is), so that whole-block kernels can load it with plain vector loads.
+// Moves the [C] table src to dst between natural order and BlockIO<scalar_t>'s lane order, whole block by whole
+// block (the last, shorter block stays as it is): to_block = true so that whole-block kernels can load the table
+// with plain vector loads, false to put per-channel results computed in that order back.
 template <typename scalar_t, typename T>
-void to_block_order(const T* src, int64_t C, T* dst) {
+void reorder_blocks(const T* src, int64_t C, T* dst, bool to_block) {
   using IO = VecIO<scalar_t>;
   constexpr int64_t W = IO::fVec::size();
   const int64_t whole = C / IO::kBlock * IO::kBlock;
   for (int64_t i = 0; i < whole; i += IO::kBlock) {
     for (int part = 0; part < IO::kAccPerBlock; ++part) {
       for (int64_t lane = 0; lane < W; ++lane) {
-        dst[i + part * W + lane] = src[i + block_source_index<scalar_t>(part, lane)];
-      }
-    }
-  }
-  for (int64_t i = whole; i < C; ++i) {
-    dst[i] = src[i];
-  }
-}
-
-// The inverse of to_block_order.
-template <typename scalar_t, typename T>
-void from_block_order(const T* src, int64_t C, T* dst) {
-  using IO = VecIO<scalar_t>;
-  constexpr int64_t W = IO::fVec::size();
-  const int64_t whole = C / IO::kBlock * IO::kBlock;
-  for (int64_t i = 0; i < whole; i += IO::kBlock) {
-    for (int part = 0; part < IO::kAccPerBlock; ++part) {
-      for (int64_t lane = 0; lane < W; ++lane) {
-        dst[i + block_source_index<scalar_t>(part, lane)] = src[i + part * W + lane];
+        const int64_t natural = i + block_source_index<scalar_t>(part, lane), blocked = i + part * W + lane;
+        if (to_block) {
+          dst[blocked] = src[natural];
+        } else {
+          dst[natural] = src[blocked];
+        }
       }
     }
   }

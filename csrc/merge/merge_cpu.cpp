@@ -104,7 +104,7 @@ struct Row {
       return table;
     }
     storage.resize(C);
-    cpu::to_block_order<scalar_t>(table, C, storage.data());
+    cpu::reorder_blocks<scalar_t>(table, C, storage.data(), /*to_block=*/true);
     return storage.data();
   }
 
@@ -382,7 +382,7 @@ void backward_impl(const Params& p) {
       acc.store(sum + c, n);
     }
     if (cpu::BlockIO<scalar_t>::kPermuted) {
-      cpu::from_block_order<scalar_t>(total.data(), C, outs[which]);
+      cpu::reorder_blocks<scalar_t>(total.data(), C, outs[which], /*to_block=*/false);
     }
   }
 }
