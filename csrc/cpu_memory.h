@@ -38,4 +38,11 @@ inline void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
+// at::empty for an output a kernel is about to write in full, with the huge-page hint above.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+  advise_huge_pages(out);
+  return out;
+}
+
 }  // namespace vlfuse::cpu

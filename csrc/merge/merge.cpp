@@ -144,8 +144,7 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2(const Tensor& x_in, const std::optio
   const Tensor b = bias.has_value() && bias->defined() ? check_param(op, *bias, "bias", x) : Tensor();
   const auto keep_grid = set_grid(p, op, grid_thw, x);
   const auto stats_opts = x.options().dtype(acc_type(x.scalar_type()));
-  Tensor out = at::empty({S / (m * m), m * m * C}, x.options());
-  cpu::advise_huge_pages(out);
+  Tensor out = cpu::empty_output({S / (m * m), m * m * C}, x.options());
   Tensor mean = at::empty({nrm == Norm::LayerNorm ? S : 0}, stats_opts);
   Tensor rstd = at::empty({S}, stats_opts);
   p.out = out.data_ptr();
@@ -193,8 +192,7 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2_backward(const Tensor& grad_out_in, 
   init(p, x, m, nrm, ord);
   const Tensor w = check_param(op, weight, "weight", x);
   const auto keep_grid = set_grid(p, op, grid_thw, x);
-  Tensor grad_x = output_mask[0] ? at::empty({S, C}, x.options()) : at::empty({0}, x.options());
-  cpu::advise_huge_pages(grad_x);
+  Tensor grad_x = output_mask[0] ? cpu::empty_output({S, C}, x.options()) : at::empty({0}, x.options());
   Tensor grad_w = output_mask[1] ? at::empty({C}, w.options()) : at::empty({0}, w.options());
   Tensor grad_b = output_mask[2] ? at::empty({C}, w.options()) : at::empty({0}, w.options());
   p.weight = w.data_ptr();

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "cpu_memory.h"
 #include "rope/rope.h"
 
 VLFUSE_DECLARE_CPU_KERNEL(rope_cpu_kernel, const ::vlfuse::rope::Params&)
@@ -128,9 +129,9 @@ std::tuple<Tensor, Tensor, Tensor> rope_qkv(const Tensor& qkv_in, const Tensor& 
   init(p, qkv, S, head_dim, false);
   Tensor f = set_angle_source(p, op, positions, freqs, S, head_dim, qkv, "qkv");
   auto shape = hsd ? std::vector<int64_t>{num_heads, S, head_dim} : std::vector<int64_t>{S, num_heads, head_dim};
-  Tensor q = at::empty(shape, qkv.options());
-  Tensor k = at::empty(shape, qkv.options());
-  Tensor v = at::empty(shape, qkv.options());
+  Tensor q = cpu::empty_output(shape, qkv.options());
+  Tensor k = cpu::empty_output(shape, qkv.options());
+  Tensor v = cpu::empty_output(shape, qkv.options());
   const Tensor parts = qkv.view({S, 3, num_heads, head_dim});
   set_slot(p, parts.select(1, 0), as_shd(q, hsd), true);
   set_slot(p, parts.select(1, 1), as_shd(k, hsd), true);
@@ -152,7 +153,7 @@ Tensor rope_qkv_backward(const Tensor& grad_q, const Tensor& grad_k, const Tenso
   Params p;
   init(p, gq, S, D, true);
   Tensor f = set_angle_source(p, op, positions, freqs, S, D, gq, "grad_q");
-  Tensor grad_qkv = at::empty({S, 3 * H * D}, gq.options());
+  Tensor grad_qkv = cpu::empty_output({S, 3 * H * D}, gq.options());
   const Tensor parts = grad_qkv.view({S, 3, H, D});
   set_slot(p, gq, parts.select(1, 0), true);
   set_slot(p, gk, parts.select(1, 1), true);
@@ -182,8 +183,8 @@ std::tuple<Tensor, Tensor> rope_fwd(const Tensor& q_in, const Tensor& k_in, cons
   Params p;
   init(p, q, S, D, inverse);
   Tensor f = set_angle_source(p, op, positions, freqs, S, D, q, "q");
-  Tensor q_out = at::empty(q.sizes(), q.options());
-  Tensor k_out = at::empty(k.sizes(), k.options());
+  Tensor q_out = cpu::empty_output(q.sizes(), q.options());
+  Tensor k_out = cpu::empty_output(k.sizes(), k.options());
   set_slot(p, q, q_out, true);
   set_slot(p, k, k_out, true);
   launch(p, q);
@@ -232,8 +233,8 @@ std::tuple<Tensor, Tensor> rope_cos_sin(const Tensor& q_in, const Tensor& k_in, 
   p.sin = tables[1].data_ptr();
   p.cos_stride_s = tables[0].stride(0);
   p.sin_stride_s = tables[1].stride(0);
-  Tensor q_out = at::empty(q.sizes(), q.options());
-  Tensor k_out = at::empty(k.sizes(), k.options());
+  Tensor q_out = cpu::empty_output(q.sizes(), q.options());
+  Tensor k_out = cpu::empty_output(k.sizes(), k.options());
   set_slot(p, q, q_out, true);
   set_slot(p, k, k_out, true);
   launch(p, q);
