@@ -143,3 +143,19 @@ def test_batch_stream_is_a_pure_function_of_position():
     assert b.indices(7, 18) == first[7:25]
     assert BatchStream(10, seed=2).indices(0, 10) != first[:10]
     assert torch.tensor(first).max() < 10
+
+
+def test_pixel_statistics_match_a_direct_computation(corpus):
+    import numpy as np
+    from PIL import Image
+
+    from vlfuse.train.data import pixel_statistics
+
+    samples = read_jsonl(corpus / "train.jsonl")
+    mean, std = pixel_statistics(samples, limit=len(samples))
+    paths = [p for s in samples for p in s["images"] + sum(s["videos"], [])]
+    pixels = np.concatenate([np.asarray(Image.open(p).convert("RGB")).reshape(-1, 3) / 255.0 for p in paths])
+    np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-5)
+    np.testing.assert_allclose(std, pixels.std(0), atol=1e-5)
+    with pytest.raises(ValueError, match="no images or video frames"):
+        pixel_statistics([{"images": [], "videos": []}])

@@ -22,6 +22,7 @@ from vlfuse.models.qwen2_vl import (
     rope_index,
 )
 from vlfuse.nn import RotaryAttention2D
+from vlfuse.ops import CLIP_MEAN, CLIP_STD
 
 BACKENDS = ["vlfuse", "eager"]
 
@@ -415,6 +416,31 @@ def test_processor_batch_video_and_model_run_end_to_end():
     assert isinstance(processor.decode(out[0]), str)
 
 
+def test_processor_normalisation_round_trips_through_preprocessor_config(tmp_path):
+    config = tiny_config()
+    image = torch.randint(0, 256, (3, 56, 56), dtype=torch.uint8)
+    mean, std = [0.9, 0.8, 0.7], [0.2, 0.25, 0.3]
+    processor = Qwen2VLProcessor(CharTokenizer(), config, max_pixels=56 * 56, image_mean=mean, image_std=std)
+    patches, _ = processor.process_image(image)
+    clip, _ = Qwen2VLProcessor(CharTokenizer(), config, max_pixels=56 * 56).process_image(image)
+    # The same pixels under the two normalisations: undo CLIP's, apply the custom one.
+    view = (-1, 3, 2, 14, 14)
+    pixels = clip.view(view) * torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1) + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1, 1)
+    expected = (pixels - torch.tensor(mean).view(1, 3, 1, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1, 1)
+    torch.testing.assert_close(patches.view(view), expected, rtol=1e-5, atol=1e-5)
+
+    config.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_mean"] == mean and saved["image_std"] == std and saved["max_pixels"] == 56 * 56
+    loaded = Qwen2VLProcessor.from_pretrained(tmp_path)
+    assert loaded.image_mean == tuple(mean) and loaded.image_std == tuple(std) and loaded.max_pixels == 56 * 56
+    torch.testing.assert_close(loaded.process_image(image)[0], patches, rtol=0, atol=0)
+    # A folder without preprocessor_config.json keeps HF's CLIP defaults.
+    config.save_pretrained(tmp_path / "bare")
+    assert Qwen2VLProcessor.from_pretrained(tmp_path / "bare").image_mean == tuple(CLIP_MEAN)
+
+
 def test_processor_errors():
     processor = Qwen2VLProcessor(CharTokenizer(), tiny_config())
     with pytest.raises(ValueError, match="too small: 20x100"):
@@ -424,6 +450,10 @@ def test_processor_errors():
         processor("<|image_pad|>", images=[img, img])
     with pytest.raises(ValueError, match=r"\[T, 3, H, W\]"):
         processor.process_video(torch.zeros(3, 56, 56))
+    with pytest.raises(ValueError, match="image_mean must hold one value per RGB channel"):
+        Qwen2VLProcessor(CharTokenizer(), tiny_config(), image_mean=[0.5, 0.5])
+    with pytest.raises(ValueError, match="image_std must be positive"):
+        Qwen2VLProcessor(CharTokenizer(), tiny_config(), image_std=[0.2, 0.0, 0.2])
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------------

@@ -267,3 +267,20 @@ def test_demo_configs_match_the_yaml_files():
         assert config_mod.load(root / f"tiny_stage{stage}.yaml") == config_mod.resolve(
             stage_config(stage, "data/synthetic", "runs/tiny")
         )
+
+
+def test_corpus_normalisation_is_measured_saved_and_inherited(corpus, tmp_path):
+    from vlfuse.models.qwen2_vl import Qwen2VLProcessor
+    from vlfuse.train.data import pixel_statistics, read_jsonl
+
+    mean, std = pixel_statistics(read_jsonl(corpus))
+    # The synthetic backgrounds are near white: the corpus is far from CLIP's mean, which is why the demo measures it.
+    assert all(0.7 < m < 1.0 for m in mean) and all(0.05 < s < 0.4 for s in std), (mean, std)
+    first = Trainer(config(corpus, tmp_path / "s1", data={"image_mean": "corpus", "image_std": "corpus"}), stage=1)
+    assert first.processor.image_mean == tuple(mean) and first.processor.image_std == tuple(std)
+    final = first.train()
+    assert Qwen2VLProcessor.from_pretrained(final).image_mean == tuple(mean)
+    second = Trainer(config(corpus, tmp_path / "s2", model={**MODEL, "init": str(final)}), stage=2)
+    assert second.processor.image_std == tuple(std)
+    explicit = Trainer(config(corpus, tmp_path / "s3", data={"image_mean": [0.5, 0.5, 0.5]}), stage=1)
+    assert explicit.processor.image_mean == (0.5, 0.5, 0.5)

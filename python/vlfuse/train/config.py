@@ -20,6 +20,10 @@ DEFAULTS: dict = {
         "tasks": None,  # only samples whose `task` is listed (None: all)
         "min_pixels": 56 * 56,
         "max_pixels": 112 * 112,
+        # Patch normalisation, per RGB channel: null keeps the init model's (its preprocessor_config.json) or CLIP's;
+        # "corpus" measures the training images' mean / std; or lists of 3 numbers.
+        "image_mean": None,
+        "image_std": None,
     },
     "optim": {
         "lr": {"vision": 1e-3, "merger": 1e-3, "llm": 1e-3},

@@ -177,6 +177,28 @@ class SampleEncoder:
         return first_prompt, answer, visual
 
 
+def pixel_statistics(samples: list[dict], limit: int = 512) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation (pixels in [0, 1]) over the images and video frames of up to ``limit``
+    samples spread evenly over ``samples``: the ``image_mean``/``image_std`` of a model trained on this corpus."""
+    if not samples:
+        raise ValueError("pixel_statistics: no samples")
+    picked = samples[:: max(1, -(-len(samples) // limit))]
+    total = torch.zeros(3, dtype=torch.float64)
+    square = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for sample in picked:
+        for path in [*sample["images"], *(f for frames in sample["videos"] for f in frames)]:
+            pixels = _load(path).reshape(3, -1).to(torch.float64) / 255.0
+            total += pixels.sum(1)
+            square += pixels.square().sum(1)
+            count += pixels.shape[1]
+    if count == 0:
+        raise ValueError("pixel_statistics: the samples hold no images or video frames")
+    mean = total / count
+    std = (square / count - mean.square()).clamp_min(1e-12).sqrt()
+    return [round(float(x), 6) for x in mean], [round(float(x), 6) for x in std]
+
+
 def _load(path: str) -> Tensor:
     """[3, H, W] uint8."""
     with Image.open(path) as image:

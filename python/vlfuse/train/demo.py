@@ -43,7 +43,18 @@ def stage_config(stage: int, data_dir: str, run_dir: str) -> dict:
             "overrides": dict(MODEL_OVERRIDES),
             "init": None if stage == 1 else f"{run_dir}/stage{stage - 1}/final",
         },
-        "data": {"train": f"{data_dir}/train.jsonl", "tasks": tasks, "min_pixels": 56 * 56, "max_pixels": 112 * 112},
+        "data": {
+            "train": f"{data_dir}/train.jsonl",
+            "tasks": tasks,
+            "min_pixels": 56 * 56,
+            "max_pixels": 112 * 112,
+            # Stage 1 normalises patches with the corpus' own statistics and later stages inherit them: with CLIP's,
+            # the near-white backgrounds put every pixel at ~+1.8, a constant that swamps the patch embedding, and
+            # the tiny ViT learned neither motion nor shape (a direct-supervision probe: motion at chance after
+            # 300 steps; with the corpus' statistics 98% after 200).
+            "image_mean": "corpus" if stage == 1 else None,
+            "image_std": "corpus" if stage == 1 else None,
+        },
         "optim": {"lr": lr, "weight_decay": 0.0, "grad_clip": 1.0},
         "schedule": {"steps": steps, "warmup": max(5, steps // 20), "min_lr_ratio": 0.05},
         "batch": {"size": 16, "accumulation": 1},

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import checkpoint as ckpt
 from . import config as config_mod
-from .data import IGNORE_INDEX, BatchStream, JsonlDataset, SampleEncoder, collate
+from .data import IGNORE_INDEX, BatchStream, JsonlDataset, SampleEncoder, collate, pixel_statistics, read_jsonl
 from .optim import apply_freezing, build_optimizer, build_scheduler
 from .progress import MetricsLog, ProgressBar, plot_loss
 
@@ -65,12 +65,24 @@ def build_model(cfg: dict):
 
 
 def build_processor(cfg: dict, model):
+    """The processor of the run: the config's pixel bounds; its normalisation (``data.image_mean``/``image_std``)
+    or else the init model's saved one or else CLIP's."""
     from vlfuse.models.qwen2_vl import Qwen2VLProcessor
+    from vlfuse.models.qwen2_vl.processor import read_preprocessor_config
     from vlfuse.models.qwen2_vl.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg["model"]["init"], model.config)
+    init = cfg["model"]["init"]
     d = cfg["data"]
-    return Qwen2VLProcessor(tokenizer, model.config, min_pixels=d["min_pixels"], max_pixels=d["max_pixels"])
+    norm = {k: v for k, v in read_preprocessor_config(init).items() if k in ("image_mean", "image_std")}
+    if "corpus" in (d["image_mean"], d["image_std"]):
+        paths = [d["train"]] if isinstance(d["train"], (str, Path)) else d["train"]
+        mean, std = pixel_statistics([s for p in paths for s in read_jsonl(p, d["tasks"])])
+        norm.update(image_mean=mean, image_std=std)
+    for key in ("image_mean", "image_std"):
+        if d[key] not in (None, "corpus"):
+            norm[key] = d[key]
+    tokenizer = load_tokenizer(init, model.config)
+    return Qwen2VLProcessor(tokenizer, model.config, min_pixels=d["min_pixels"], max_pixels=d["max_pixels"], **norm)
 
 
 class Trainer:
@@ -330,6 +342,7 @@ class Trainer:
             else:
                 model = self.model
             model.save_pretrained(folder)
+            self.processor.save_pretrained(folder)
         if self.world > 1:
             dist.barrier()
 

@@ -4,6 +4,7 @@ visual token between ``<|vision_start|>`` and ``<|vision_end|>``."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -11,11 +12,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import ops
+from ...ops.patchify import CLIP_MEAN, CLIP_STD
 from .config import Qwen2VLConfig
 from .tokenizer import load_tokenizer
 
 __all__ = ["Qwen2VLProcessor", "IMAGE_PLACEHOLDER", "VIDEO_PLACEHOLDER"]
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 
@@ -36,11 +39,33 @@ def _to_frames(image) -> Tensor:
     return data.view(image.height, image.width, 3).permute(2, 0, 1).contiguous()
 
 
+def _channel_triple(values, name: str) -> tuple[float, float, float]:
+    out = tuple(float(x) for x in values)
+    if len(out) != 3:
+        raise ValueError(f"{name} must hold one value per RGB channel (3), got {list(values)}")
+    return out
+
+
+def read_preprocessor_config(folder: str | os.PathLike | None) -> dict:
+    """``image_mean``, ``image_std``, ``min_pixels``, ``max_pixels`` of the folder's ``preprocessor_config.json``
+    (those present); {} when the folder has none."""
+    if folder is None:
+        return {}
+    path = os.path.join(folder, PREPROCESSOR_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        fields = json.load(f)
+    return {k: fields[k] for k in ("image_mean", "image_std", "min_pixels", "max_pixels") if k in fields}
+
+
 class Qwen2VLProcessor:
     """Turns a prompt with images/videos into the model's inputs.
 
     ``min_pixels``/``max_pixels`` bound each image's area after ``smart_resize`` (HF's defaults: 56*56 and
-    28*28*1280). Videos are [T, 3, H, W] tensors; an odd frame count is padded by repeating the last frame.
+    28*28*1280). ``image_mean``/``image_std`` (per RGB channel, pixels in [0, 1]) normalise the patches; HF's
+    defaults are CLIP's, which a model trained from scratch on other images need not keep. Videos are
+    [T, 3, H, W] tensors; an odd frame count is padded by repeating the last frame.
     """
 
     def __init__(
@@ -49,19 +74,43 @@ class Qwen2VLProcessor:
         config: Qwen2VLConfig,
         min_pixels: int = 56 * 56,
         max_pixels: int = 28 * 28 * 1280,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
     ) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
+        self.image_mean = _channel_triple(image_mean, "image_mean")
+        self.image_std = _channel_triple(image_std, "image_std")
+        if min(self.image_std) <= 0:
+            raise ValueError(f"image_std must be positive per channel, got {list(self.image_std)}")
         v = config.vision
         self.factor = v.patch_size * v.spatial_merge_size
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, config: Qwen2VLConfig | None = None, **kwargs):
-        """The folder's tokenizer.json when present, else the built-in character tokenizer."""
+        """The folder's tokenizer.json when present, else the built-in character tokenizer; the normalisation and
+        pixel bounds of its ``preprocessor_config.json`` when present (``kwargs`` override them)."""
         config = Qwen2VLConfig.from_pretrained(folder) if config is None else config
-        return cls(load_tokenizer(folder, config), config, **kwargs)
+        return cls(load_tokenizer(folder, config), config, **{**read_preprocessor_config(folder), **kwargs})
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Writes ``preprocessor_config.json`` with HF's Qwen2-VL image processor fields."""
+        v = self.config.vision
+        fields = {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "patch_size": v.patch_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "merge_size": v.spatial_merge_size,
+        }
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, PREPROCESSOR_FILE), "w") as f:
+            json.dump(fields, f, indent=2)
 
     # ---- pixels --------------------------------------------------------------------------------------------------
 
@@ -95,6 +144,8 @@ class Qwen2VLProcessor:
             patch_size=v.patch_size,
             temporal_patch_size=v.temporal_patch_size,
             merge_size=v.spatial_merge_size,
+            mean=self.image_mean,
+            std=self.image_std,
         )
 
     def process_image(self, image) -> tuple[Tensor, Tensor]:
