@@ -77,6 +77,19 @@ def test_config_reads_both_hf_layouts_and_round_trips():
     assert "text_config" in c.to_hf_dict()
 
 
+def test_initializer_range_sets_the_init_and_round_trips(tmp_path):
+    config = tiny_config().replace(initializer_range=0.1)
+    torch.manual_seed(0)
+    model = Qwen2VL(config)
+    for weight in (model.language_model.embed_tokens.weight, model.visual.blocks[0].mlp.fc1.weight):
+        assert abs(float(weight.std()) - 0.1) < 0.01
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["text_config"]["initializer_range"] == 0.1
+    assert Qwen2VLConfig.from_pretrained(tmp_path).initializer_range == 0.1
+    assert Qwen2VLConfig.preset("2b").initializer_range == 0.02  # HF's default for the published shapes
+
+
 def test_config_rejects_inconsistent_sizes():
     with pytest.raises(ValueError, match="mrope_section"):
         Qwen2VLConfig.preset("tiny").replace(mrope_section=[4, 4, 4])

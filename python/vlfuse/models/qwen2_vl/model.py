@@ -47,11 +47,10 @@ class Qwen2VL(nn.Module):
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        # HF's initializer_range (0.02) for linear/embedding weights, zero biases; norms keep ones/zeros
+    def _init_weights(self, module: nn.Module) -> None:
+        # As HF: normal(0, initializer_range) for linear/embedding weights, zero biases; norms keep ones/zeros
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
