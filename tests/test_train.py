@@ -284,3 +284,15 @@ def test_corpus_normalisation_is_measured_saved_and_inherited(corpus, tmp_path):
     assert second.processor.image_std == tuple(std)
     explicit = Trainer(config(corpus, tmp_path / "s3", data={"image_mean": [0.5, 0.5, 0.5]}), stage=1)
     assert explicit.processor.image_mean == (0.5, 0.5, 0.5)
+
+
+def test_demo_threads_use_the_cores_no_other_task_is_using(monkeypatch):
+    from vlfuse.train import demo
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(demo, "_runnable_others", lambda: 0)
+    assert demo.demo_threads() == cores
+    monkeypatch.setattr(demo, "_runnable_others", lambda: cores + 3)
+    assert demo.demo_threads() == 1
+    monkeypatch.undo()
+    assert demo._runnable_others() >= 0

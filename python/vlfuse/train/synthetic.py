@@ -4,7 +4,7 @@ Tasks (each sample is one JSONL line in the format of :mod:`vlfuse.train.data`):
 
 - ``shape_colour``: one coloured shape (circle, square, triangle, diamond) of varied size and place on an image of
   varied size; a caption or a question about its colour, its shape or both.
-- ``characters``: rendered digits and capital letters; the answer is the text.
+- ``characters``: rendered digits and capital letters, one per merge window of a row; the answer is the text.
 - ``motion``: a short video (odd and even frame counts) of a shape moving left, right, up or down.
 - ``count``: two images with different numbers of shapes; which one has more (a multi-image dialogue turn).
 - ``dialogue``: two-turn conversations about one image (colour, then shape).
@@ -54,7 +54,9 @@ class CorpusSpec:
 
 
 DEFAULT_SPLITS = {
-    "train": CorpusSpec(shape_colour=3000, characters=4000, motion=2000, count=600, dialogue=800),
+    # Shapes are the slowest task for the tiny model, so they get the largest share (measured: with 3000 shapes and
+    # 4000 texts, 44% shape/colour; with 4500 and 3000, 78% at the same step count).
+    "train": CorpusSpec(shape_colour=4500, characters=3000, motion=2000, count=600, dialogue=800),
     "val": CorpusSpec(shape_colour=100, characters=100, motion=100, count=40, dialogue=0),
 }
 
@@ -88,16 +90,20 @@ def shape_image(rng: random.Random, shape: str, colour: str) -> Image.Image:
 
 
 def text_image(rng: random.Random, text: str) -> Image.Image:
-    size = rng.randint(26, 32)
-    font = ImageFont.load_default(size=size)
-    left, top, right, bottom = font.getbbox(text)
-    width = max(56, math.ceil((right - left + 8) / 28) * 28)
-    height = 56
+    """Bold glyphs, one per 28 x 28 merge window of one row (a few pixels of jitter). Glyphs at free positions,
+    straddling windows, were not learned by the tiny model within the demo's budget (300 character-only steps: 4%
+    characters read; aligned: 94%)."""
+    font = ImageFont.load_default(size=rng.randint(22, 26))
+    width, height = max(56, 28 * len(text)), 56
     image = Image.new("RGB", (width, height), _background(rng))
-    x = rng.uniform(2, max(2, width - (right - left) - 2)) - left
-    y = rng.uniform(2, max(2, height - (bottom - top) - 2)) - top
+    draw = ImageDraw.Draw(image)
     ink = tuple(rng.randint(0, 70) for _ in range(3))
-    ImageDraw.Draw(image).text((x, y), text, font=font, fill=ink)
+    row = rng.randint(0, height // 28 - 1)
+    for i, ch in enumerate(text):
+        left, top, right, bottom = font.getbbox(ch, stroke_width=1)
+        x = 28 * i + (28 - (right - left)) / 2 - left + rng.uniform(-2, 2)
+        y = 28 * row + (28 - (bottom - top)) / 2 - top + rng.uniform(-2, 2)
+        draw.text((x, y), ch, font=font, fill=ink, stroke_width=1, stroke_fill=ink)
     return image
 
 
