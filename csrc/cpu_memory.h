@@ -1,48 +1,45 @@
-// Page-level hints for the large outputs that CPU kernels write for the first time.
+// Memory for the large outputs that the CPU kernels write in full (rope's q/k/v and gradients, merge2x2's merged
+// rows and input gradient), kept for reuse the way the CUDA caching allocator keeps device memory.
+//
+// Why: from glibc, a block of a few MB or more is often a fresh mapping (always from 32 MiB up; below that it
+// depends on the process's history of frees, as glibc adapts its mmap and trim thresholds), and the first write
+// to every 4 KiB page of a fresh mapping is a page fault that zeroes the page. On the project's machines that
+// costs ~3 us a page, ~1 ms per MB: more than the kernel that writes the block (rope_qkv on one 448 x 448 image
+// ran 1.5 ms or 6.4 ms depending on whether glibc had kept its last outputs mapped). A model calls these ops with
+// the same shapes in every layer and step, so a freed output block is kept and handed to the next output of
+// about the same size, whose pages are already mapped: no faults, and the time no longer depends on malloc's
+// history.
+//
+// Scope and limits: only blocks of at least 1 MiB (smaller ones come from glibc's heap, already mapped); freed
+// blocks are kept up to a byte limit (VLFUSE_CPU_OUTPUT_CACHE_MB, default 1024; 0 turns reuse off), the oldest
+// released first; new blocks of 32 MiB or more are backed by transparent huge pages where THP is in madvise
+// mode (one fault per 2 MiB). Allocations and frees are reported to the torch profiler like the default CPU
+// allocator's. Results never depend on any of it: every byte of an output is written by its kernel.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <cstddef>
 #include <cstdint>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace vlfuse::cpu {
 
-// Asks Linux to back the whole 2 MiB pages of a fresh CPU tensor of at least 32 MiB with transparent huge pages
-// (THP), before a kernel writes it. glibc gives every block that large a new mapping of its own (32 MiB is
-// the most its mmap threshold adapts to), so its first write takes a page fault and a zeroed 4 KiB page every
-// 4 KiB: on the project's machines ~1.2 ms per MB, more than the kernel that writes it (an 84 MB merge2x2
-// output: ~50 ms of faults against ~20 ms of work). With huge pages that is one fault per 2 MiB. Smaller
-// blocks come from glibc's heap, mostly already mapped, and are left alone (marking heap ranges measured no
-// better). A hint only: results do not depend on it, nothing changes where THP is off, and errors are ignored.
-inline void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  constexpr size_t kMinBytes = size_t(32) << 20;
-  const size_t nbytes = static_cast<size_t>(t.numel()) * t.element_size();
-  if (!t.is_cpu() || nbytes < kMinBytes) {
-    return;
-  }
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + nbytes) & ~(kHugePage - 1);
-  if (last > first) {
-    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#else
-  (void)t;
-#endif
-}
+// at::empty for a CPU output a kernel is about to write in full (any other device: plain at::empty).
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
-// at::empty for an output a kernel is about to write in full, with the huge-page hint above.
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor out = at::empty(sizes, options);
-  advise_huge_pages(out);
-  return out;
-}
+struct OutputCacheStats {
+  int64_t limit_bytes = 0;    // most bytes kept in freed blocks
+  int64_t cached_bytes = 0;   // bytes in freed blocks waiting for reuse
+  int64_t cached_blocks = 0;
+  int64_t live_bytes = 0;     // bytes in blocks held by live tensors
+  int64_t reused = 0;         // allocations served by a kept block
+  int64_t mapped = 0;         // allocations that mapped new memory
+  int64_t released = 0;       // blocks returned to the system (over the limit, or emptied)
+};
+
+OutputCacheStats output_cache_stats();
+// Returns every kept block to the system (blocks held by live tensors are not affected).
+void empty_output_cache();
+// Sets the limit on kept bytes (0: keep nothing), releasing the oldest kept blocks over it.
+void set_output_cache_limit(int64_t bytes);
 
 }  // namespace vlfuse::cpu

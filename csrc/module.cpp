@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "cpu_memory.h"
 
 #ifndef VLFUSE_CUDA_ARCHS
 #define VLFUSE_CUDA_ARCHS ""
@@ -37,7 +38,24 @@ static py::dict build_info() {
   return info;
 }
 
+static py::dict output_cache_stats() {
+  const vlfuse::cpu::OutputCacheStats s = vlfuse::cpu::output_cache_stats();
+  py::dict stats;
+  stats["limit_bytes"] = s.limit_bytes;
+  stats["cached_bytes"] = s.cached_bytes;
+  stats["cached_blocks"] = s.cached_blocks;
+  stats["live_bytes"] = s.live_bytes;
+  stats["reused"] = s.reused;
+  stats["mapped"] = s.mapped;
+  stats["released"] = s.released;
+  return stats;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vlfuse native kernels (operators are registered under torch.ops.vlfuse)";
   m.def("build_info", &build_info, "How the native library was built and which CPU kernels it runs");
+  m.def("output_cache_stats", &output_cache_stats, "Counters of the CPU output block cache (csrc/cpu_memory.h)");
+  m.def("empty_output_cache", &vlfuse::cpu::empty_output_cache, "Returns the kept CPU output blocks to the system");
+  m.def("set_output_cache_limit", &vlfuse::cpu::set_output_cache_limit, py::arg("bytes"),
+        "Sets how many bytes of freed CPU output blocks are kept for reuse (0: none)");
 }

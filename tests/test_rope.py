@@ -236,8 +236,8 @@ def test_rope_qkv_backward_matches_autograd_through_reference():
 
 
 def test_rope_qkv_outputs_of_huge_page_size_match_reference():
-    # 16 x 80 heads and 8192 tokens: q, k, v and grad_qkv are >= 32 MiB each, the size from which the CPU outputs
-    # are allocated with the huge-page hint (csrc/cpu_memory.h); the values must not depend on it.
+    # 16 x 80 heads and 8192 tokens: q, k, v and grad_qkv are >= 32 MiB each, the size from which the CPU output
+    # cache maps its blocks 2 MiB-aligned with the huge-page hint (csrc/cpu_memory.h); values must not depend on it.
     qkv, pos, freqs, _ = make_qkv([[2, 64, 64]], torch.float32, "cpu", heads=16, head_dim=80)
     assert qkv.shape[0] * 16 * 80 * 4 >= 32 << 20
     qkv = qkv.requires_grad_()

@@ -10,7 +10,7 @@ import platform
 
 import torch
 
-from ._native import NATIVE_ERROR, native
+from ._native import NATIVE_ERROR, native, require_native
 
 __version__ = "0.1.0"
 
@@ -46,4 +46,32 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["build_info", "ops", "__version__"]
+def output_cache_stats() -> dict:
+    """Counters of the CPU output block cache: the ops keep freed output blocks of 1 MiB or more (up to
+    ``limit_bytes``, env ``VLFUSE_CPU_OUTPUT_CACHE_MB``, default 1024) and hand them to later outputs, whose pages
+    are then already mapped (see csrc/cpu_memory.h). Keys: limit_bytes, cached_bytes, cached_blocks, live_bytes,
+    reused, mapped, released."""
+    require_native()
+    return dict(native.output_cache_stats())
+
+
+def empty_output_cache() -> None:
+    """Returns every kept CPU output block to the system (as ``torch.cuda.empty_cache`` does on CUDA)."""
+    require_native()
+    native.empty_output_cache()
+
+
+def set_output_cache_limit(nbytes: int) -> None:
+    """Keeps at most ``nbytes`` of freed CPU output blocks for reuse (0: none), releasing the oldest over it."""
+    require_native()
+    native.set_output_cache_limit(int(nbytes))
+
+
+__all__ = [
+    "build_info",
+    "empty_output_cache",
+    "ops",
+    "output_cache_stats",
+    "set_output_cache_limit",
+    "__version__",
+]
