@@ -7,15 +7,79 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
+#endif
+#if defined(__unix__)
+#include <unistd.h>
 #endif
 
 namespace vlfuse::cpu {
 
 using at::vec::Vectorized;
+
+// Whether a kernel that reads and writes `bytes` in all should write its outputs with non-temporal (streaming)
+// stores. A plain store first reads the line it writes (write-allocate), so an op whose data does not fit in the
+// last-level cache moves its outputs over the memory bus twice; a streaming store writes whole lines without
+// reading them, at the price of not leaving them in cache, which data this large would not stay in anyway.
+// Measured on the project's machine (32 MiB L3): a copy of 21 MB / 252 MB runs 2.0x / 1.6x faster streaming,
+// one of 8 MB (in cache) 1.5x slower.
+inline bool prefer_streaming_stores(int64_t bytes) {
+  static const int64_t last_level_cache = [] {
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    const long size = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (size > 0) {
+      return static_cast<int64_t>(size);
+    }
+#endif
+    return int64_t(32) << 20;
+  }();
+  return bytes >= last_level_cache;
+}
+
+// Stores the bytes of one vector register v (a Vectorized<T>, __m128i, __m256i or __m512i) at p: streaming when
+// `stream` and p is aligned to the register's width (what the instruction needs), else a plain store.
+template <typename V>
+inline void store_bytes(void* p, const V& v, bool stream) {
+  constexpr size_t kBytes = sizeof(V);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if (stream && (reinterpret_cast<uintptr_t>(p) & (kBytes - 1)) == 0) {
+    if constexpr (kBytes == 16) {
+      __m128i r;
+      std::memcpy(&r, &v, kBytes);
+      _mm_stream_si128(static_cast<__m128i*>(p), r);
+      return;
+    } else if constexpr (kBytes == 32) {
+      __m256i r;
+      std::memcpy(&r, &v, kBytes);
+      _mm256_stream_si256(static_cast<__m256i*>(p), r);
+      return;
+    }
+#if defined(CPU_CAPABILITY_AVX512)
+    else if constexpr (kBytes == 64) {
+      __m512i r;
+      std::memcpy(&r, &v, kBytes);
+      _mm512_stream_si512(static_cast<__m512i*>(p), r);
+      return;
+    }
+#endif
+  }
+#else
+  (void)stream;
+#endif
+  std::memcpy(p, &v, kBytes);
+}
+
+// Orders this thread's streaming stores before whatever it does next (they are weakly ordered): called by a
+// kernel thread once its part of the output is written.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
 
 // The widest block the kernels step by: one Vectorized<scalar_t> for fp16/bf16 (two float vectors), one
 // Vectorized<acc_t> otherwise.
@@ -39,17 +103,17 @@ struct VecIO {
     }
   }
 
-  static inline void store(scalar_t* p, int64_t n, const fVec* v) {
+  static inline void store(scalar_t* p, int64_t n, const fVec* v, bool stream = false) {
     if constexpr (kReduced) {
       auto b = at::vec::convert_from_float<scalar_t>(v[0], v[1]);
       if (n == kBlock) {
-        b.store(p);
+        store_bytes(p, b, stream);
       } else {
         b.store(p, n);
       }
     } else {
       if (n == kBlock) {
-        v[0].store(p);
+        store_bytes(p, v[0], stream);
       } else {
         v[0].store(p, n);
       }
@@ -76,15 +140,15 @@ inline Vectorized<at::opmath_type<scalar_t>> load_acc_vec(const scalar_t* p) {
 }
 
 template <typename scalar_t>
-inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t>>& v) {
+inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t>>& v, bool stream = false) {
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
     constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
 #if defined(CPU_CAPABILITY_AVX512)
     const __m256i packed = kBf16 ? at::vec::cvtfp32_bf16(__m512(v)) : at::vec::cvtfp32_fp16(__m512(v));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    store_bytes(p, packed, stream);
 #elif defined(CPU_CAPABILITY_AVX2)
     const __m128i packed = kBf16 ? at::vec::cvtfp32_bf16(__m256(v)) : at::vec::cvtfp32_fp16(__m256(v));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    store_bytes(p, packed, stream);
 #else
     constexpr int64_t W = Vectorized<float>::size();
     __at_align__ float values[W];
@@ -94,7 +158,7 @@ inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t
     }
 #endif
   } else {
-    v.store(p);
+    store_bytes(p, v, stream);
   }
 }
 
@@ -148,8 +212,8 @@ struct BlockIO {
   static inline void load(const scalar_t* p, fVec* out) {
     IO::load(p, IO::kBlock, out);
   }
-  static inline void store(scalar_t* p, const fVec* v) {
-    IO::store(p, IO::kBlock, v);
+  static inline void store(scalar_t* p, const fVec* v, bool stream = false) {
+    IO::store(p, IO::kBlock, v, stream);
   }
 };
 
@@ -165,10 +229,10 @@ struct BlockIO<c10::BFloat16> {
     out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
     out[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
   }
-  static inline void store(c10::BFloat16* p, const fVec* v) {
+  static inline void store(c10::BFloat16* p, const fVec* v, bool stream = false) {
     const __m256i even = _mm256_srli_epi32(round_to_high_half(v[0]), 16);
     const __m256i odd = _mm256_and_si256(round_to_high_half(v[1]), _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_or_si256(even, odd));
+    store_bytes(p, _mm256_or_si256(even, odd), stream);
   }
 
  private:

@@ -77,9 +77,9 @@ struct Row {
   }
 
   template <typename N>
-  static inline void store(scalar_t* p, N n, const fVec* v) {
+  static inline void store(scalar_t* p, N n, const fVec* v, bool stream) {
     if constexpr (std::is_same_v<N, Full>) {
-      cpu::BlockIO<scalar_t>::store(p, v);
+      cpu::BlockIO<scalar_t>::store(p, v, stream);
     } else {
       IO::store(p, n, v);
     }
@@ -186,8 +186,8 @@ struct Row {
   // Normalizes token x [C] into y [C] (weight and bias in block order, bias may be null) and returns its
   // statistics; prefetches the token read next, next_x.
   static inline void forward_token(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias,
-                                   int64_t C, Norm norm, double eps, const scalar_t* next_x, acc_t& mean,
-                                   acc_t& rstd) {
+                                   int64_t C, Norm norm, double eps, const scalar_t* next_x, bool stream,
+                                   acc_t& mean, acc_t& rstd) {
     stats(x, C, norm, eps, mean, rstd);
     const fVec mv(mean), rv(rstd);
     for_blocks(C, [&](int64_t i, auto n, auto) {
@@ -203,7 +203,7 @@ struct Row {
       for (int j = 0; j < kParts; ++j) {
         yv[j] = merge::normalize<fVec>(v[j], mv, rv, wv[j], bv[j]);
       }
-      store(y + i, n, yv);
+      store(y + i, n, yv, stream);
     });
   }
 
@@ -212,7 +212,7 @@ struct Row {
   // RMSNorm. Prefetches the token read next (next_x, next_dy).
   static inline void backward_token(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const acc_t* weight,
                                     acc_t mean, acc_t rstd, int64_t C, Norm norm, acc_t* pw, acc_t* pb,
-                                    const scalar_t* next_x, const scalar_t* next_dy) {
+                                    const scalar_t* next_x, const scalar_t* next_dy, bool stream) {
     const fVec mv(mean), rv(rstd);
     fVec mean_g(acc_t(0)), mean_gx(acc_t(0));
     if (dx != nullptr) {
@@ -265,7 +265,7 @@ struct Row {
         }
       }
       if (dx != nullptr) {
-        store(dx + i, n, dxv);
+        store(dx + i, n, dxv, stream);
       }
     });
   }
@@ -297,6 +297,7 @@ void forward_impl(const Params& p) {
   const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, weight_storage);
   const acc_t* bias = R::block_order(static_cast<const acc_t*>(p.bias), C, bias_storage);
   const int64_t grain = std::max<int64_t>(1, 32768 / (mm * C));
+  const bool stream = cpu::prefer_streaming_stores(2 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)));
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -306,13 +307,16 @@ void forward_impl(const Params& p) {
         scalar_t* y = out + (r * mm + k) * C;
         const auto [next_r, next_k] = next_slot(p, r, k);
         acc_t mean, rstd;
-        R::forward_token(xr, y, weight, bias, C, p.norm, p.eps, x + token_at(p, next_r, next_k) * p.x_stride, mean,
-                         rstd);
+        R::forward_token(xr, y, weight, bias, C, p.norm, p.eps, x + token_at(p, next_r, next_k) * p.x_stride,
+                         stream, mean, rstd);
         if (mean_out != nullptr) {
           mean_out[tok] = mean;
         }
         rstd_out[tok] = rstd;
       }
+    }
+    if (stream) {
+      cpu::stream_fence();
     }
   });
 }
@@ -338,6 +342,9 @@ void backward_impl(const Params& p) {
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   // Each chunk's [2, C] partial sums (weight, bias; in block order) are zeroed by the thread that fills them.
   std::unique_ptr<acc_t[]> partial(want_w || want_b ? new acc_t[chunks * 2 * C] : nullptr);
+  // x and grad_out read, grad_x written.
+  const bool stream =
+      grad_x != nullptr && cpu::prefer_streaming_stores(3 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)));
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -357,9 +364,12 @@ void backward_impl(const Params& p) {
                             mean_in != nullptr ? mean_in[tok] : acc_t(0), rstd_in[tok], C, p.norm,
                             want_w ? pw : nullptr, want_b ? pb : nullptr,
                             x + token_at(p, next_r, next_k) * p.x_stride,
-                            grad_out + next_r * p.grad_out_stride + next_k * C);
+                            grad_out + next_r * p.grad_out_stride + next_k * C, stream);
         }
       }
+    }
+    if (stream) {
+      cpu::stream_fence();
     }
   });
 
