@@ -170,6 +170,25 @@ def test_backward_matches_float64_autograd_of_reference(device, dtype, norm, ord
         torch.testing.assert_close(a, b.to(dtype), **tol(dtype, scale=16), msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1280, 1284])
+def test_outputs_larger_than_the_last_level_cache_match_reference(dtype, channels):
+    # >= 64 MiB read and written in all: the CPU kernels write merged rows and grad_x with streaming stores
+    # (cpu::prefer_streaming_stores) where a row is aligned for them, plain stores elsewhere (1284 channels:
+    # rows alternate), and the values must not depend on which.
+    grid = torch.tensor([[1, 64, 64], [2, 64, 32]]) if dtype == torch.float32 else torch.tensor([[4, 64, 64]])
+    x, weight, bias = make_inputs(grid, dtype, "cpu", channels=channels, row_pad=0)
+    assert 2 * x.numel() * x.element_size() >= 64 << 20
+    leaf = x.detach().requires_grad_()
+    out = ops.merge2x2(leaf, grid, weight, bias)
+    torch.testing.assert_close(out, ref.merge2x2(x, grid, weight, bias), **tol(dtype, scale=4))
+    g = torch.randn(out.shape, dtype=dtype)
+    out.backward(g)
+    exact = x.detach().double().requires_grad_()
+    ref.merge2x2(exact, grid, weight.double(), bias.double()).backward(g.double())
+    torch.testing.assert_close(leaf.grad, exact.grad.to(dtype), **tol(dtype, scale=16))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_backward_frozen_input_and_partial_grads(device):
     """Training only the merger (frozen ViT): x needs no gradient; rmsnorm has no bias."""

@@ -235,21 +235,24 @@ def test_rope_qkv_backward_matches_autograd_through_reference():
     torch.testing.assert_close(qkv.grad, want.grad, **tol(torch.float32))
 
 
-def test_rope_qkv_outputs_of_huge_page_size_match_reference():
-    # 16 x 80 heads and 8192 tokens: q, k, v and grad_qkv are >= 32 MiB each, the size from which the CPU output
-    # cache maps its blocks 2 MiB-aligned with the huge-page hint (csrc/cpu_memory.h); values must not depend on it.
-    qkv, pos, freqs, _ = make_qkv([[2, 64, 64]], torch.float32, "cpu", heads=16, head_dim=80)
-    assert qkv.shape[0] * 16 * 80 * 4 >= 32 << 20
+@pytest.mark.parametrize(("dtype", "layout"), [(torch.float32, "hsd"), (torch.float32, "shd"), (torch.bfloat16, "shd")])
+def test_rope_qkv_outputs_of_huge_page_size_match_reference(dtype, layout):
+    # 16 x 80 heads and 8192 tokens: q, k, v and grad_qkv are >= 32 MiB each in float32, the size from which the
+    # CPU output cache maps its blocks 2 MiB-aligned with the huge-page hint (csrc/cpu_memory.h), and the calls
+    # move more than the last-level cache holds, so these layouts are written with streaming stores
+    # (csrc/rope/rope_cpu.cpp); values must not depend on either.
+    qkv, pos, freqs, _ = make_qkv([[2, 64, 64]], dtype, "cpu", heads=16, head_dim=80)
+    assert 2 * qkv.numel() * qkv.element_size() >= 64 << 20
     qkv = qkv.requires_grad_()
-    got = ops.rope_qkv(qkv, pos, freqs, 16, "hsd")
-    want = ref.rope_qkv(qkv.detach(), pos, freqs, 16, "hsd")
+    got = ops.rope_qkv(qkv, pos, freqs, 16, layout)
+    want = ref.rope_qkv(qkv.detach(), pos, freqs, 16, layout)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **tol(torch.float32))
+        torch.testing.assert_close(a, b, **tol(dtype))
     grads = [torch.randn_like(t) for t in got]
     torch.autograd.backward(got, grads)
     expected = qkv.detach().requires_grad_()
-    torch.autograd.backward(ref.rope_qkv(expected, pos, freqs, 16, "hsd"), grads)
-    torch.testing.assert_close(qkv.grad, expected.grad, **tol(torch.float32))
+    torch.autograd.backward(ref.rope_qkv(expected, pos, freqs, 16, layout), grads)
+    torch.testing.assert_close(qkv.grad, expected.grad, **tol(dtype))
 
 
 def _opcheck_samples(device):

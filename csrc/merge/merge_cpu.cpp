@@ -3,7 +3,9 @@
 // Row::stats), and its normalized values are written straight into the merged row by a second pass over the
 // token while it sits in L1. Backward: the same walk, two passes per token (the two row sums of the input
 // gradient, then the gradient itself), with per-chunk weight/bias partial sums reduced in a fixed order at the
-// end. Both prefetch the next token during a token's last pass, so its first pass does not wait on memory.
+// end. Both prefetch the next token during a token's last pass, so its first pass does not wait on memory, and
+// write with streaming stores when the call moves more than the last-level cache holds
+// (cpu::prefer_streaming_stores).
 //
 // The row passes keep their accumulators in registers: every loop below is over whole blocks with a
 // compile-time width (Full) and compile-time accumulator indices, and only the last, shorter block of a row
