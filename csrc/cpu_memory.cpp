@@ -13,6 +13,7 @@
 #include <string>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
 
@@ -106,7 +107,14 @@ class OutputCache final : public c10::Allocator {
 
   static OutputCache& get() {
     // Never destroyed: tensors may be freed during interpreter teardown, after static destructors ran.
-    static OutputCache* cache = new OutputCache();
+    static OutputCache* cache = [] {
+      auto* created = new OutputCache();
+#if defined(__linux__)
+      // A fork (DataLoader workers) while another thread holds the lock would leave it held forever in the child.
+      pthread_atfork([] { get().mutex_.lock(); }, [] { get().mutex_.unlock(); }, [] { get().mutex_.unlock(); });
+#endif
+      return created;
+    }();
     return *cache;
   }
 

@@ -145,3 +145,26 @@ def test_limit_comes_from_the_environment(value, expect):
     env = dict(os.environ, VLFUSE_CPU_OUTPUT_CACHE_MB=value)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert expect in done.stdout
+
+
+def _child_allocates(queue):
+    torch.set_num_threads(1)  # as in DataLoader workers: OpenMP's pool does not survive a fork
+    qkv, pos, freqs = rope_inputs(2)
+    got = ops.rope_qkv(qkv, pos, freqs, HEADS)
+    want = ref.rope_qkv(qkv, pos, freqs, HEADS)
+    queue.put(all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want)))
+
+
+def test_forked_child_uses_the_cache(cache):
+    import multiprocessing
+
+    qkv, pos, freqs = rope_inputs(0)
+    outputs = ops.rope_qkv(qkv, pos, freqs, HEADS)
+    del outputs  # the child inherits kept blocks
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_allocates, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5)
