@@ -41,11 +41,23 @@ inline bool prefer_streaming_stores(int64_t bytes) {
 }
 
 // Stores the bytes of one vector register v (a Vectorized<T>, __m128i, __m256i or __m512i) at p: streaming when
-// `stream` and p is aligned to the register's width (what the instruction needs), else a plain store.
+// `stream` and p is aligned as the instruction needs (the register's width; 16 bytes for a 32-byte register,
+// stored as two halves), else a plain store.
 template <typename V>
 inline void store_bytes(void* p, const V& v, bool stream) {
   constexpr size_t kBytes = sizeof(V);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (kBytes == 32) {
+    // Half a register at a time where p is only 16-byte aligned, so that a row's lines are not written half
+    // streaming and half through the cache.
+    if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 16) {
+      __m128i r[2];
+      std::memcpy(r, &v, kBytes);
+      _mm_stream_si128(static_cast<__m128i*>(p), r[0]);
+      _mm_stream_si128(static_cast<__m128i*>(p) + 1, r[1]);
+      return;
+    }
+  }
   if (stream && (reinterpret_cast<uintptr_t>(p) & (kBytes - 1)) == 0) {
     if constexpr (kBytes == 16) {
       __m128i r;

@@ -44,8 +44,28 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t half,
                        const TokenCoeffs<at::opmath_type<scalar_t>>& c, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
   using fVec = Vectorized<acc_t>;
+  using Block = cpu::BlockIO<scalar_t>;
   constexpr int64_t W = fVec::size();
   int64_t i = 0;
+  if constexpr (Block::kPermuted) {
+    // Whole blocks in BlockIO's lane order, which costs fewer conversion instructions than the natural order;
+    // the coefficient rows are laid out the same way (permute_coeff_rows), and the rest of the row, shorter
+    // than a block, is in natural order in both.
+    constexpr int64_t kBlock = cpu::VecIO<scalar_t>::kBlock;
+    constexpr int kParts = cpu::VecIO<scalar_t>::kAccPerBlock;
+    for (; i + kBlock <= half; i += kBlock) {
+      fVec lo[kParts], hi[kParts], a[kParts], b[kParts];
+      Block::load(x + i, lo);
+      Block::load(x + half + i, hi);
+      for (int j = 0; j < kParts; ++j) {
+        const int64_t o = i + j * W;
+        rope::rotate_pair<fVec>(lo[j], hi[j], fVec::loadu(c.c1 + o), fVec::loadu(c.s1 + o), fVec::loadu(c.c2 + o),
+                                fVec::loadu(c.s2 + o), a[j], b[j]);
+      }
+      Block::store(y + i, a, stream);
+      Block::store(y + half + i, b, stream);
+    }
+  }
   for (; i + W <= half; i += W) {
     fVec a, b;
     rope::rotate_pair<fVec>(cpu::load_acc_vec(x + i), cpu::load_acc_vec(x + half + i), fVec::loadu(c.c1 + i),
@@ -116,6 +136,20 @@ void tile_coeffs(const Params& p, int64_t s0, int64_t count, acc_t* table) {
   }
 }
 
+// Puts each of the `tables` coefficient tables' `count` rows of half values (table k, row t at
+// table + k * kTileTokens * half + t * half) into BlockIO<scalar_t>'s lane order, for rotate_row's block loop.
+template <typename scalar_t, typename acc_t>
+void permute_coeff_rows(acc_t* table, int tables, int64_t count, int64_t half, std::vector<acc_t>& scratch) {
+  scratch.resize(half);
+  for (int k = 0; k < tables; ++k) {
+    for (int64_t t = 0; t < count; ++t) {
+      acc_t* row = table + k * kTileTokens * half + t * half;
+      cpu::reorder_blocks<scalar_t>(row, half, scratch.data(), /*to_block=*/true);
+      std::copy(scratch.begin(), scratch.end(), row);
+    }
+  }
+}
+
 // Touches (for reading or writing) the cache lines of one row of len elements ahead of its use.
 template <typename scalar_t, int kWrite>
 inline void prefetch_row(const scalar_t* row, int64_t len) {
@@ -151,13 +185,18 @@ void rope_impl(const Params& p) {
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_elems * kTileTokens, 1));
 
   at::parallel_for(0, tiles, grain, [&](int64_t tile_begin, int64_t tile_end) {
-    std::vector<acc_t> table((table_source ? 4 : 2) * kTileTokens * half);
+    const int tables = table_source ? 4 : 2;
+    std::vector<acc_t> table(tables * kTileTokens * half);
+    std::vector<acc_t> scratch;
     const int64_t stride = kTileTokens * half;
     const int64_t end = std::min(p.tokens, tile_end * kTileTokens);
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t s0 = tile * kTileTokens;
       const int64_t count = std::min(kTileTokens, p.tokens - s0);
       tile_coeffs<acc_t, pos_t>(p, s0, count, table.data());
+      if constexpr (cpu::BlockIO<scalar_t>::kPermuted) {
+        permute_coeff_rows<scalar_t>(table.data(), tables, count, half, scratch);
+      }
       for (int64_t s = s0; s < s0 + count; ++s) {
         const acc_t* c1 = table.data() + (s - s0) * half;
         const acc_t* s1 = c1 + stride;
