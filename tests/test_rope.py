@@ -135,17 +135,24 @@ def test_zero_tokens(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_rope_cos_sin_equals_hf_apply_rotary_pos_emb_vision(device, dtype):
-    qkv, pos, freqs, g = make_qkv(GRIDS["image_and_video"], dtype, device)
+@pytest.mark.parametrize("head_dim", [HEAD_DIM, 80])  # 80: whole vector blocks of pairs and a tail (bf16 on AVX2)
+def test_rope_cos_sin_equals_hf_apply_rotary_pos_emb_vision(device, dtype, head_dim):
+    qkv, pos, freqs, g = make_qkv(GRIDS["image_and_video"], dtype, device, head_dim=head_dim)
     hq, hk, _, cos, sin = hf_vision_rotary(g, qkv, HEADS)
     S = qkv.shape[0]
     q, k, _ = qkv.reshape(S, 3, HEADS, -1).unbind(1)  # non-contiguous views, as HF hands them over
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
     got_q, got_k = ops.rope_cos_sin(q, k, cos, sin)
     torch.testing.assert_close(got_q, hq, **tol(dtype))
     torch.testing.assert_close(got_k, hk, **tol(dtype))
     rq, rk = ref.rope_cos_sin(q, k, cos, sin)
     torch.testing.assert_close(got_q, rq, **tol(dtype))
     torch.testing.assert_close(got_k, rk, **tol(dtype))
+    grads = [torch.randn_like(got_q), torch.randn_like(got_k)]
+    got_grads = torch.autograd.grad([got_q, got_k], [q, k], grads)
+    want_grads = torch.autograd.grad([rq, rk], [q, k], grads)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, **tol(dtype))
 
 
 @pytest.mark.parametrize("device", devices())
