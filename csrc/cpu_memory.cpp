@@ -61,16 +61,15 @@ class OutputCache final : public c10::Allocator {
       return c10::GetDefaultCPUAllocator()->allocate(n);
     }
     const size_t bytes = round_up(n, n >= kHugeMinBytes ? kHugePage : kSmallGranule);
-    Block* block = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      block = take_locked(bytes);
-    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    Block* block = take_locked(bytes);
     if (block == nullptr) {
+      lock.unlock();  // mapping (and the kernel zeroing it later) needs no lock
       block = map_block(bytes);
+      lock.lock();
+      ++mapped_;
     }
     block->requested = n;
-    std::lock_guard<std::mutex> lock(mutex_);
     live_bytes_ += block->bytes;
     report_locked(block->ptr, static_cast<int64_t>(n));
     return {block->ptr, block, &OutputCache::release, c10::Device(c10::DeviceType::CPU)};
@@ -175,8 +174,6 @@ class OutputCache final : public c10::Allocator {
     }
     TORCH_CHECK_WITH(OutOfMemoryError, ptr != nullptr, "vlfuse: could not allocate ", bytes,
                      " bytes of CPU memory for an op output");
-    std::lock_guard<std::mutex> lock(mutex_);
-    ++mapped_;
     return new Block{ptr, bytes, 0, 0};
   }
 
