@@ -40,41 +40,58 @@ inline bool prefer_streaming_stores(int64_t bytes) {
   return bytes >= last_level_cache;
 }
 
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// Streaming stores of one register at a 16-byte-aligned p, in the widest pieces p's alignment allows: a row whose
+// stores are only 16- or 32-byte aligned (a head of 40 floats starts 160 bytes into its row) still has every line
+// written streaming, never half streaming and half through the cache.
+inline void stream_store(void* p, __m128i v) {
+  _mm_stream_si128(static_cast<__m128i*>(p), v);
+}
+
+inline void stream_store(void* p, __m256i v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+    _mm256_stream_si256(static_cast<__m256i*>(p), v);
+    return;
+  }
+  stream_store(p, _mm256_castsi256_si128(v));
+  stream_store(static_cast<char*>(p) + 16, _mm256_extracti128_si256(v, 1));
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline void stream_store(void* p, __m512i v) {
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_si512(static_cast<__m512i*>(p), v);
+    return;
+  }
+  stream_store(p, _mm512_castsi512_si256(v));
+  stream_store(static_cast<char*>(p) + 32, _mm512_extracti64x4_epi64(v, 1));
+}
+#endif
+#endif
+
 // Stores the bytes of one vector register v (a Vectorized<T>, __m128i, __m256i or __m512i) at p: streaming when
-// `stream` and p is aligned as the instruction needs (the register's width; 16 bytes for a 32-byte register,
-// stored as two halves), else a plain store.
+// `stream` and p is at least 16-byte aligned (see stream_store), else a plain store.
 template <typename V>
 inline void store_bytes(void* p, const V& v, bool stream) {
   constexpr size_t kBytes = sizeof(V);
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-  if constexpr (kBytes == 32) {
-    // Half a register at a time where p is only 16-byte aligned, so that a row's lines are not written half
-    // streaming and half through the cache.
-    if (stream && (reinterpret_cast<uintptr_t>(p) & 31) == 16) {
-      __m128i r[2];
-      std::memcpy(r, &v, kBytes);
-      _mm_stream_si128(static_cast<__m128i*>(p), r[0]);
-      _mm_stream_si128(static_cast<__m128i*>(p) + 1, r[1]);
-      return;
-    }
-  }
-  if (stream && (reinterpret_cast<uintptr_t>(p) & (kBytes - 1)) == 0) {
+  if (stream && (reinterpret_cast<uintptr_t>(p) & 15) == 0) {
     if constexpr (kBytes == 16) {
       __m128i r;
       std::memcpy(&r, &v, kBytes);
-      _mm_stream_si128(static_cast<__m128i*>(p), r);
+      stream_store(p, r);
       return;
     } else if constexpr (kBytes == 32) {
       __m256i r;
       std::memcpy(&r, &v, kBytes);
-      _mm256_stream_si256(static_cast<__m256i*>(p), r);
+      stream_store(p, r);
       return;
     }
 #if defined(CPU_CAPABILITY_AVX512)
     else if constexpr (kBytes == 64) {
       __m512i r;
       std::memcpy(&r, &v, kBytes);
-      _mm512_stream_si512(static_cast<__m512i*>(p), r);
+      stream_store(p, r);
       return;
     }
 #endif
@@ -174,24 +191,78 @@ inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t
   }
 }
 
-// The same for the last n < Vectorized<acc_t>::size() elements of a row (lanes past n load as zero).
+// The same for the last n < Vectorized<acc_t>::size() elements of a row (lanes past n load as zero), with masked
+// loads and stores where the ISA has them: a scalar loop here would go through the stack and stall every row of a
+// head_dim that is not a whole number of vectors (80 on AVX-512: 40 pairs = 16 + 16 + 8).
 template <typename scalar_t>
 inline Vectorized<at::opmath_type<scalar_t>> load_acc_vec(const scalar_t* p, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
-  __at_align__ acc_t values[Vectorized<acc_t>::size()] = {};
-  for (int64_t k = 0; k < n; ++k) {
-    values[k] = static_cast<acc_t>(p[k]);
+  if constexpr (!at::vec::is_reduced_floating_point_v<scalar_t>) {
+    return Vectorized<acc_t>::loadu(p, n);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i raw = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1), p);
+    __m512 out;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      at::vec::cvtbf16_fp32(raw, out);
+    } else {
+      at::vec::cvtfp16_fp32(raw, out);
+    }
+    return out;
+#else
+    __at_align__ acc_t values[Vectorized<acc_t>::size()] = {};
+    for (int64_t k = 0; k < n; ++k) {
+      values[k] = static_cast<acc_t>(p[k]);
+    }
+    return Vectorized<acc_t>::loadu(values);
+#endif
   }
-  return Vectorized<acc_t>::loadu(values);
 }
 
+// Writes lanes [0, n) of v; streaming when `stream` and n is half a register (the tail of a row of 40 floats on
+// AVX-512), so that the row's last line is written like the others.
 template <typename scalar_t>
-inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t>>& v, int64_t n) {
+inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t>>& v, int64_t n, bool stream = false) {
   using acc_t = at::opmath_type<scalar_t>;
-  __at_align__ acc_t values[Vectorized<acc_t>::size()];
-  v.store(values);
-  for (int64_t k = 0; k < n; ++k) {
-    p[k] = static_cast<scalar_t>(values[k]);
+  constexpr int64_t W = Vectorized<acc_t>::size();
+  if constexpr (!at::vec::is_reduced_floating_point_v<scalar_t>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (stream && 2 * n == W) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        store_bytes(p, _mm512_castps512_ps256(v), true);
+      } else {
+        store_bytes(p, _mm512_castpd512_pd256(v), true);
+      }
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if (stream && 2 * n == W) {
+      if constexpr (std::is_same_v<acc_t, float>) {
+        store_bytes(p, _mm256_castps256_ps128(v), true);
+      } else {
+        store_bytes(p, _mm256_castpd256_pd128(v), true);
+      }
+      return;
+    }
+#endif
+    v.store(p, n);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    constexpr bool kBf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+    const __m256i packed = kBf16 ? at::vec::cvtfp32_bf16(__m512(v)) : at::vec::cvtfp32_fp16(__m512(v));
+    if (stream && 2 * n == W) {
+      store_bytes(p, _mm256_castsi256_si128(packed), true);
+    } else {
+      _mm256_mask_storeu_epi16(p, static_cast<__mmask16>((1u << n) - 1), packed);
+    }
+#else
+    (void)stream;
+    __at_align__ acc_t values[W];
+    v.store(values);
+    for (int64_t k = 0; k < n; ++k) {
+      p[k] = static_cast<scalar_t>(values[k]);
+    }
+#endif
   }
 }
 

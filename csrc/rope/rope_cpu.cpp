@@ -1,7 +1,8 @@
 // CPU rotary kernel. Compiled once per ISA (see CMakeLists.txt); one pass over memory, parallel over tiles of
 // tokens. A tile's coefficients (cos/sin per token and pair) are computed once into a small per-thread table
 // and reused by every head of q and k. Rows are converted to and from float one accumulator vector at a time
-// (8 elements on AVX2), so a head_dim of 80 (40 pairs) has no partial vectors in any dtype.
+// (8 elements on AVX2, 16 on AVX-512): a head_dim of 80 (40 pairs) has no partial vector on AVX2, and on AVX-512
+// its last 8 pairs take masked loads and stores (streamed as a half register when the call streams).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -79,8 +80,8 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t half,
     rope::rotate_pair<fVec>(cpu::load_acc_vec(x + i, n), cpu::load_acc_vec(x + half + i, n),
                             fVec::loadu(c.c1 + i, n), fVec::loadu(c.s1 + i, n), fVec::loadu(c.c2 + i, n),
                             fVec::loadu(c.s2 + i, n), a, b);
-    cpu::store_acc_vec(y + i, a, n);
-    cpu::store_acc_vec(y + half + i, b, n);
+    cpu::store_acc_vec(y + i, a, n, stream);
+    cpu::store_acc_vec(y + half + i, b, n, stream);
   }
 }
 
