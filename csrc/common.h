@@ -41,8 +41,10 @@ inline void check_same_device(const at::Tensor& a, const char* a_name, const at:
 }
 
 // Which copy of the CPU kernels runs: the best one this CPU supports, capped by ATEN_CPU_CAPABILITY
-// (default / avx2 / avx512) so that one variable steers vlfuse exactly as it steers PyTorch.
-enum class CpuIsa { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
+// (default / avx2 / avx512) so that one variable steers vlfuse exactly as it steers PyTorch. AVX512_BF16 (AVX512
+// plus the native bfloat16 conversions) runs only where no cap is set: "avx512" means AVX-512F/BW/VL/DQ alone,
+// as it does for ATen.
+enum class CpuIsa { DEFAULT = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
 
 inline CpuIsa detect_cpu_isa() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -55,6 +57,11 @@ inline CpuIsa detect_cpu_isa() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     best = CpuIsa::AVX512;
   }
+#if defined(VLFUSE_WITH_AVX512_BF16)
+  if (best == CpuIsa::AVX512 && __builtin_cpu_supports("avx512bf16")) {
+    best = CpuIsa::AVX512_BF16;
+  }
+#endif
   if (const char* env = std::getenv("ATEN_CPU_CAPABILITY")) {
     std::string cap(env);
     for (auto& ch : cap) {
@@ -62,8 +69,10 @@ inline CpuIsa detect_cpu_isa() {
     }
     if (cap == "default") {
       best = CpuIsa::DEFAULT;
-    } else if (cap == "avx2" && best == CpuIsa::AVX512) {
+    } else if (cap == "avx2" && best >= CpuIsa::AVX2) {
       best = CpuIsa::AVX2;
+    } else if (cap == "avx512" && best >= CpuIsa::AVX512) {
+      best = CpuIsa::AVX512;
     }
   }
   return best;
@@ -79,6 +88,8 @@ inline CpuIsa cpu_isa() {
 
 inline const char* cpu_isa_name() {
   switch (cpu_isa()) {
+    case CpuIsa::AVX512_BF16:
+      return "AVX512_BF16";
     case CpuIsa::AVX512:
       return "AVX512";
     case CpuIsa::AVX2:
@@ -112,16 +123,23 @@ void run_kernel(const char* op, const at::Tensor& like, void (*cpu_kernel)(const
 
 // Declares a CPU kernel that each *_cpu.cpp defines inside `namespace vlfuse::VLFUSE_ISA_NS`, once per ISA.
 #if defined(__x86_64__) || defined(_M_X64)
-#define VLFUSE_DECLARE_CPU_KERNEL(NAME, PARAMS)   \
-  namespace vlfuse {                              \
-  namespace cpu_DEFAULT { void NAME(PARAMS); }    \
-  namespace cpu_AVX2 { void NAME(PARAMS); }       \
-  namespace cpu_AVX512 { void NAME(PARAMS); }     \
+#define VLFUSE_DECLARE_CPU_KERNEL(NAME, PARAMS)     \
+  namespace vlfuse {                                \
+  namespace cpu_DEFAULT { void NAME(PARAMS); }      \
+  namespace cpu_AVX2 { void NAME(PARAMS); }         \
+  namespace cpu_AVX512 { void NAME(PARAMS); }       \
+  namespace cpu_AVX512_BF16 { void NAME(PARAMS); }  \
   }
-#define VLFUSE_CPU_KERNEL(NAME)                                               \
-  (::vlfuse::cpu_isa() == ::vlfuse::CpuIsa::AVX512 ? &::vlfuse::cpu_AVX512::NAME \
-   : ::vlfuse::cpu_isa() == ::vlfuse::CpuIsa::AVX2 ? &::vlfuse::cpu_AVX2::NAME   \
-                                                   : &::vlfuse::cpu_DEFAULT::NAME)
+#if defined(VLFUSE_WITH_AVX512_BF16)
+#define VLFUSE_CPU_KERNEL_AVX512_BF16(NAME, OTHERWISE) \
+  (::vlfuse::cpu_isa() == ::vlfuse::CpuIsa::AVX512_BF16 ? &::vlfuse::cpu_AVX512_BF16::NAME : (OTHERWISE))
+#else
+#define VLFUSE_CPU_KERNEL_AVX512_BF16(NAME, OTHERWISE) (OTHERWISE)
+#endif
+#define VLFUSE_CPU_KERNEL(NAME)                                                                  \
+  VLFUSE_CPU_KERNEL_AVX512_BF16(NAME, (::vlfuse::cpu_isa() == ::vlfuse::CpuIsa::AVX512 ? &::vlfuse::cpu_AVX512::NAME \
+                                       : ::vlfuse::cpu_isa() == ::vlfuse::CpuIsa::AVX2 ? &::vlfuse::cpu_AVX2::NAME   \
+                                                                                       : &::vlfuse::cpu_DEFAULT::NAME))
 #else
 #define VLFUSE_DECLARE_CPU_KERNEL(NAME, PARAMS) \
   namespace vlfuse {                            \
