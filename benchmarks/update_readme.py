@@ -58,7 +58,9 @@ def device_section(path: str) -> list[str]:
         report = json.load(handle)
     machine = report["machine"]
     lines = [
-        f"### {machine['device']} ({machine['device_type']}, {machine['threads']} threads)",
+        f"### {machine['device']} ({machine['device_type']}"
+        + (f", vlfuse {machine['vlfuse_cpu_isa']} build" if machine.get("vlfuse_cpu_isa") else "")
+        + f", {machine['threads']} threads)",
         "",
         f"torch {machine['torch']}, transformers {machine.get('transformers')}, run {machine.get('date_utc', '?')}; "
         f"measured limits: copy {_f(machine.get('copy_gbs'), '.1f', ' GB/s')}, GEMM TFLOP/s "

@@ -24,12 +24,21 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _slug_words(text: str) -> list[str]:
+    keep = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
+    return [w for w in keep.split("-") if w and w not in {"r", "tm", "processor", "cpu", "with", "core", "80gb", "hbm3"}]
+
+
 def device_slug(device: torch.device) -> str:
-    """A file-name-safe name for benchmarks/results/<slug>.json, e.g. "cpu-amd-epyc-9r14" or "cuda-nvidia-h100"."""
-    name = device_name(device).lower()
-    keep = "".join(ch if ch.isalnum() else "-" for ch in name)
-    words = [w for w in keep.split("-") if w and w not in {"r", "tm", "processor", "cpu", "with", "core", "80gb", "hbm3"}]
-    return "-".join([device.type] + words[:4])
+    """A file-name-safe name for benchmarks/results/<slug>.json, e.g. "cpu-amd-epyc-avx512-bf16" or
+    "cuda-nvidia-h100". A CPU's slug ends in the vlfuse build it ran: a VM's model name ("AMD EPYC") can stand for
+    machines with and without AVX-512, whose figures differ."""
+    words = _slug_words(device_name(device))[:4]
+    if device.type == "cpu":
+        import vlfuse
+
+        words += _slug_words(str(vlfuse.build_info().get("cpu_isa") or ""))
+    return "-".join([device.type] + words)
 
 
 def copy_reference(nbytes: float, device: torch.device) -> Callable[[], torch.Tensor]:
