@@ -90,11 +90,12 @@ def test_rope_qkv_qwen2vl_2b_head_shape(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("head_dim", [2, 6, 20, 36, 80, 96])
+@pytest.mark.parametrize("head_dim", [2, 6, 20, 36, 64, 80, 96, 128])
 @pytest.mark.parametrize("layout", ["shd", "hsd"])
 def test_rope_qkv_head_dims_and_token_tiles(device, dtype, head_dim, layout):
-    # pair counts below, at, and past the CPU vector width (8 or 16 floats), with partial tails; 45 tokens span
-    # several of the CPU kernel's token tiles with a short last one. Forward and the backward op, vs the reference.
+    # pair counts below, at, and past the CPU vector width (8 or 16 floats), with partial tails, and the models'
+    # head dims (64, 80, 128); 45 tokens span several of the CPU kernel's token tiles with a short last one.
+    # Forward and the backward op, vs the reference.
     S, heads, axes = 45, 3, 2
     qkv = torch.randn(S, 3 * heads * head_dim, device=device).to(dtype)
     pos = torch.randint(0, 40, (S, axes), device=device)
@@ -135,7 +136,8 @@ def test_zero_tokens(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("head_dim", [HEAD_DIM, 80])  # 80: whole vector blocks of pairs and a tail (bf16 on AVX2)
+# 80: whole vector blocks of pairs and a tail (bf16 on AVX2; every dtype on AVX-512); 64 and 128: whole blocks only
+@pytest.mark.parametrize("head_dim", [HEAD_DIM, 64, 80, 128])
 def test_rope_cos_sin_equals_hf_apply_rotary_pos_emb_vision(device, dtype, head_dim):
     qkv, pos, freqs, g = make_qkv(GRIDS["image_and_video"], dtype, device, head_dim=head_dim)
     hq, hk, _, cos, sin = hf_vision_rotary(g, qkv, HEADS)
@@ -158,8 +160,9 @@ def test_rope_cos_sin_equals_hf_apply_rotary_pos_emb_vision(device, dtype, head_
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("axes", [1, 2, 3, 4])
-def test_rope_multi_axis_gqa_matches_reference(device, dtype, axes):
-    S, Hq, Hk, D = 37, 4, 2, 24
+@pytest.mark.parametrize("D", [24, 128])  # 128: the LLM's head dim
+def test_rope_multi_axis_gqa_matches_reference(device, dtype, axes, D):
+    S, Hq, Hk = 37, 4, 2
     base_q = torch.randn(Hq, S, D, device=device).to(dtype)
     q = base_q.transpose(0, 1)  # [S, Hq, D] with free strides on S and H
     k = torch.randn(S, Hk, 2 * D, device=device).to(dtype)[..., :D]
