@@ -247,6 +247,15 @@ inline Vectorized<at::opmath_type<scalar_t>> load_acc_vec(const scalar_t* p, int
   }
 }
 
+// The first half of the lanes of a float or double register.
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m256 low_half(const Vectorized<float>& v) { return _mm512_castps512_ps256(v); }
+inline __m256d low_half(const Vectorized<double>& v) { return _mm512_castpd512_pd256(v); }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m128 low_half(const Vectorized<float>& v) { return _mm256_castps256_ps128(v); }
+inline __m128d low_half(const Vectorized<double>& v) { return _mm256_castpd256_pd128(v); }
+#endif
+
 // Writes lanes [0, n) of v; streaming when `stream` and n is half a register (the tail of a row of 40 floats on
 // AVX-512), so that the row's last line is written like the others.
 template <typename scalar_t>
@@ -254,22 +263,9 @@ inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = Vectorized<acc_t>::size();
   if constexpr (!at::vec::is_reduced_floating_point_v<scalar_t>) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
     if (stream && 2 * n == W) {
-      if constexpr (std::is_same_v<acc_t, float>) {
-        store_bytes(p, _mm512_castps512_ps256(v), true);
-      } else {
-        store_bytes(p, _mm512_castpd512_pd256(v), true);
-      }
-      return;
-    }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if (stream && 2 * n == W) {
-      if constexpr (std::is_same_v<acc_t, float>) {
-        store_bytes(p, _mm256_castps256_ps128(v), true);
-      } else {
-        store_bytes(p, _mm256_castpd256_pd128(v), true);
-      }
+      store_bytes(p, low_half(v), true);
       return;
     }
 #endif
