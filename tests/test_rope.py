@@ -160,7 +160,7 @@ def test_rope_cos_sin_equals_hf_apply_rotary_pos_emb_vision(device, dtype, head_
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("axes", [1, 2, 3, 4])
-@pytest.mark.parametrize("D", [24, 128])  # 128: the LLM's head dim
+@pytest.mark.parametrize("D", [24, 36, 80, 128])  # 36, 80: partial last vectors, overlapped; 128: the LLM's head dim
 def test_rope_multi_axis_gqa_matches_reference(device, dtype, axes, D):
     S, Hq, Hk = 37, 4, 2
     base_q = torch.randn(Hq, S, D, device=device).to(dtype)

@@ -25,14 +25,25 @@ C10_HOST_DEVICE inline void rotate_pair(T lo, T hi, T c1, T s1, T c2, T s2, T& o
 
 // Angle of frequency pair i for one token: sum over axes of pos[a] * freqs[a, i], in acc_t and axis order,
 // so a 2-axis Qwen2-VL table (one of the two terms zero) reproduces HF's float32 pos * inv_freq exactly.
+// T is acc_t or a vector of it (the CPU kernel sums a vector of pairs at once); coord[a] is the token's position
+// on axis a as a T, freq(a) the frequency (or frequencies) of axis a at the pair(s).
+template <typename T, typename Freq>
+C10_HOST_DEVICE inline T angle_sum(const T* coord, int axes, Freq freq) {
+  T a = T(0);
+  for (int ax = 0; ax < axes; ++ax) {
+    a = a + coord[ax] * freq(ax);
+  }
+  return a;
+}
+
 template <typename acc_t, typename pos_t>
 C10_HOST_DEVICE inline acc_t angle(const pos_t* pos, int64_t pos_stride_a, const acc_t* freqs, int64_t half,
                                    int axes, int64_t i) {
-  acc_t a = acc_t(0);
+  acc_t coord[kMaxAxes];
   for (int ax = 0; ax < axes; ++ax) {
-    a += static_cast<acc_t>(pos[ax * pos_stride_a]) * freqs[ax * half + i];
+    coord[ax] = static_cast<acc_t>(pos[ax * pos_stride_a]);
   }
-  return a;
+  return angle_sum(coord, axes, [&](int ax) { return freqs[ax * half + i]; });
 }
 
 // Coefficients of a table-driven rotation (HF's cos/sin), forward or transposed (backward).

@@ -31,7 +31,8 @@ constexpr int64_t kTileTokens = 16;
 // this far ahead is prefetched, for reading and for writing.
 constexpr int64_t kPrefetchTokens = 2;
 
-// Per-pair coefficients of one token (see rope.h): c2/s2 alias c1/s1 when they are equal (angles).
+// Per-pair coefficients of one token (see rope.h). With angles c2/s2 equal c1/s1 (kShared), and each vector of
+// them is loaded once instead of twice.
 template <typename acc_t>
 struct TokenCoeffs {
   const acc_t* c1;
@@ -40,7 +41,20 @@ struct TokenCoeffs {
   const acc_t* s2;
 };
 
-template <typename scalar_t>
+template <bool kShared, typename acc_t>
+inline void rotate_vec(const Vectorized<acc_t>& lo, const Vectorized<acc_t>& hi, const TokenCoeffs<acc_t>& c,
+                       int64_t o, Vectorized<acc_t>& a, Vectorized<acc_t>& b) {
+  using fVec = Vectorized<acc_t>;
+  const fVec c1 = fVec::loadu(c.c1 + o);
+  const fVec s1 = fVec::loadu(c.s1 + o);
+  if constexpr (kShared) {
+    rope::rotate_pair<fVec>(lo, hi, c1, s1, c1, s1, a, b);
+  } else {
+    rope::rotate_pair<fVec>(lo, hi, c1, s1, fVec::loadu(c.c2 + o), fVec::loadu(c.s2 + o), a, b);
+  }
+}
+
+template <bool kShared, typename scalar_t>
 inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t half,
                        const TokenCoeffs<at::opmath_type<scalar_t>>& c, bool stream) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -59,41 +73,62 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t half,
       Block::load(x + i, lo);
       Block::load(x + half + i, hi);
       for (int j = 0; j < kParts; ++j) {
-        const int64_t o = i + j * W;
-        rope::rotate_pair<fVec>(lo[j], hi[j], fVec::loadu(c.c1 + o), fVec::loadu(c.s1 + o), fVec::loadu(c.c2 + o),
-                                fVec::loadu(c.s2 + o), a[j], b[j]);
+        rotate_vec<kShared>(lo[j], hi[j], c, i + j * W, a[j], b[j]);
       }
       Block::store(y + i, a, stream);
       Block::store(y + half + i, b, stream);
     }
   }
+  // A partial last vector, when the natural-order part has a whole one before it, is done as the whole vector
+  // that ends the row, overlapping its neighbour: masked stores are avoided, as a later load that touches a
+  // masked store's full width waits for it to retire (in place, every row's first load did: 6x slower per row).
+  // The overlap is written twice with the same bits (same inputs, same coefficients), and the last vector is
+  // loaded before anything is stored, so an in-place row still reads only its original values.
+  const int64_t rest = half - i;
+  const bool overlap = rest % W != 0 && rest > W;
+  fVec ta, tb;
+  if (overlap) {
+    const int64_t o = half - W;
+    rotate_vec<kShared>(cpu::load_acc_vec(x + o), cpu::load_acc_vec(x + half + o), c, o, ta, tb);
+  }
   for (; i + W <= half; i += W) {
     fVec a, b;
-    rope::rotate_pair<fVec>(cpu::load_acc_vec(x + i), cpu::load_acc_vec(x + half + i), fVec::loadu(c.c1 + i),
-                            fVec::loadu(c.s1 + i), fVec::loadu(c.c2 + i), fVec::loadu(c.s2 + i), a, b);
+    rotate_vec<kShared>(cpu::load_acc_vec(x + i), cpu::load_acc_vec(x + half + i), c, i, a, b);
     cpu::store_acc_vec(y + i, a, stream);
     cpu::store_acc_vec(y + half + i, b, stream);
   }
-  if (i < half) {
+  if (overlap) {
+    cpu::store_acc_vec(y + half - W, ta, stream);
+    cpu::store_acc_vec(y + 2 * half - W, tb, stream);
+  } else if (i < half) {
     const int64_t n = half - i;
+    const fVec c1 = fVec::loadu(c.c1 + i, n);
+    const fVec s1 = fVec::loadu(c.s1 + i, n);
     fVec a, b;
-    rope::rotate_pair<fVec>(cpu::load_acc_vec(x + i, n), cpu::load_acc_vec(x + half + i, n),
-                            fVec::loadu(c.c1 + i, n), fVec::loadu(c.s1 + i, n), fVec::loadu(c.c2 + i, n),
-                            fVec::loadu(c.s2 + i, n), a, b);
+    rope::rotate_pair<fVec>(cpu::load_acc_vec(x + i, n), cpu::load_acc_vec(x + half + i, n), c1, s1,
+                            kShared ? c1 : fVec::loadu(c.c2 + i, n), kShared ? s1 : fVec::loadu(c.s2 + i, n), a, b);
     cpu::store_acc_vec(y + i, a, n, stream);
     cpu::store_acc_vec(y + half + i, b, n, stream);
   }
 }
 
+// Rows of at least one vector end with the whole vector that ends the row (loaded first, as in rotate_row),
+// not a memcpy call per row.
 template <typename scalar_t>
 inline void copy_row(const scalar_t* x, scalar_t* y, int64_t len, bool stream) {
   using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  if (len < W) {
+    std::memcpy(y, x, len * sizeof(scalar_t));
+    return;
+  }
+  const Vec last = Vec::loadu(x + len - W);
   int64_t i = 0;
-  for (; i + Vec::size() <= len; i += Vec::size()) {
+  for (; i + W <= len; i += W) {
     cpu::store_bytes(y + i, Vec::loadu(x + i), stream);
   }
   if (i < len) {
-    std::memcpy(y + i, x + i, (len - i) * sizeof(scalar_t));
+    cpu::store_bytes(y + len - W, last, stream);
   }
 }
 
@@ -111,8 +146,14 @@ void tile_coeffs(const Params& p, int64_t s0, int64_t count, acc_t* table) {
     const acc_t* freqs = static_cast<const acc_t*>(p.freqs);
     for (int64_t t = 0; t < count; ++t) {
       const pos_t* pos = static_cast<const pos_t*>(p.positions) + (s0 + t) * p.pos_stride_s;
-      for (int64_t i = 0; i < half; ++i) {
-        c1[t * half + i] = rope::angle<acc_t, pos_t>(pos, p.pos_stride_a, freqs, half, p.axes, i);
+      fVec coord[rope::kMaxAxes];
+      for (int ax = 0; ax < p.axes; ++ax) {
+        coord[ax] = fVec(static_cast<acc_t>(pos[ax * p.pos_stride_a]));
+      }
+      for (int64_t i = 0; i < half; i += W) {
+        const int64_t n = std::min<int64_t>(W, half - i);
+        rope::angle_sum(coord, p.axes, [&](int ax) { return fVec::loadu(freqs + ax * half + i, n); })
+            .store(c1 + t * half + i, n);
       }
     }
     const int64_t len = count * half;
@@ -222,8 +263,10 @@ void rope_impl(const Params& p) {
               if (x != y) {
                 copy_row(x, y, D, stream);
               }
+            } else if (table_source) {
+              rotate_row<false>(x, y, half, coeffs, stream);
             } else {
-              rotate_row(x, y, half, coeffs, stream);
+              rotate_row<true>(x, y, half, coeffs, stream);
             }
           }
         }
