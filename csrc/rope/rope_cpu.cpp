@@ -246,7 +246,8 @@ void rope_impl(const Params& p) {
                                         table_source ? s1 + 2 * stride : s1};
         const bool prefetch = s + kPrefetchTokens < end;
         for (int t = 0; t < p.num_slots; ++t) {
-          const rope::TensorSlot& slot = p.slots[t];
+          // A copy: the row stores may alias any memory, so fields read through p would be reloaded after each.
+          const rope::TensorSlot slot = p.slots[t];
           const scalar_t* in = static_cast<const scalar_t*>(slot.in) + s * slot.in_stride_s;
           scalar_t* out = static_cast<scalar_t*>(slot.out) + s * slot.out_stride_s;
           for (int64_t h = 0; h < slot.heads; ++h) {
