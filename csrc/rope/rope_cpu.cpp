@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -54,9 +55,11 @@ inline void rotate_vec(const Vectorized<acc_t>& lo, const Vectorized<acc_t>& hi,
   }
 }
 
-template <bool kShared, typename scalar_t>
-inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t half,
+// kHalf: the pair count when the walk fixed it at compile time (see rope_impl), else 0 and half says it.
+template <bool kShared, int64_t kHalf, typename scalar_t>
+inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
                        const TokenCoeffs<at::opmath_type<scalar_t>>& c, bool stream) {
+  const int64_t half = kHalf != 0 ? kHalf : runtime_half;
   using acc_t = at::opmath_type<scalar_t>;
   using fVec = Vectorized<acc_t>;
   using Block = cpu::BlockIO<scalar_t>;
@@ -114,8 +117,9 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t half,
 
 // Rows of at least one vector end with the whole vector that ends the row (loaded first, as in rotate_row),
 // not a memcpy call per row.
-template <typename scalar_t>
-inline void copy_row(const scalar_t* x, scalar_t* y, int64_t len, bool stream) {
+template <int64_t kLen, typename scalar_t>
+inline void copy_row(const scalar_t* x, scalar_t* y, int64_t runtime_len, bool stream) {
+  const int64_t len = kLen != 0 ? kLen : runtime_len;
   using Vec = Vectorized<scalar_t>;
   constexpr int64_t W = Vec::size();
   if (len < W) {
@@ -226,57 +230,79 @@ void rope_impl(const Params& p) {
   const int64_t tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_elems * kTileTokens, 1));
 
-  at::parallel_for(0, tiles, grain, [&](int64_t tile_begin, int64_t tile_end) {
-    const int tables = table_source ? 4 : 2;
-    std::vector<acc_t> table(tables * kTileTokens * half);
-    std::vector<acc_t> scratch;
-    const int64_t stride = kTileTokens * half;
-    const int64_t end = std::min(p.tokens, tile_end * kTileTokens);
-    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const int64_t s0 = tile * kTileTokens;
-      const int64_t count = std::min(kTileTokens, p.tokens - s0);
-      tile_coeffs<acc_t, pos_t>(p, s0, count, table.data());
-      if constexpr (cpu::BlockIO<scalar_t>::kPermuted) {
-        permute_coeff_rows<scalar_t>(table.data(), tables, count, half, scratch);
-      }
-      for (int64_t s = s0; s < s0 + count; ++s) {
-        const acc_t* c1 = table.data() + (s - s0) * half;
-        const acc_t* s1 = c1 + stride;
-        const TokenCoeffs<acc_t> coeffs{c1, s1, table_source ? s1 + stride : c1,
-                                        table_source ? s1 + 2 * stride : s1};
-        const bool prefetch = s + kPrefetchTokens < end;
-        for (int t = 0; t < p.num_slots; ++t) {
-          // A copy: the row stores may alias any memory, so fields read through p would be reloaded after each.
-          const rope::TensorSlot slot = p.slots[t];
-          const scalar_t* in = static_cast<const scalar_t*>(slot.in) + s * slot.in_stride_s;
-          scalar_t* out = static_cast<scalar_t*>(slot.out) + s * slot.out_stride_s;
-          for (int64_t h = 0; h < slot.heads; ++h) {
-            const scalar_t* x = in + h * slot.in_stride_h;
-            scalar_t* y = out + h * slot.out_stride_h;
-            if (prefetch) {
-              prefetch_row<scalar_t, 0>(x + kPrefetchTokens * slot.in_stride_s, D);
-              // Streaming stores write around the cache: fetching their lines first would undo that.
-              if (!stream) {
-                prefetch_row<scalar_t, 1>(y + kPrefetchTokens * slot.out_stride_s, D);
+  // The models' head dims (64, 80, 128) get walks with their pair count fixed at compile time, so every row
+  // loop unrolls completely (no counters, no tail tests); others take the general walk (kHalf = 0).
+  const auto walk = [&](auto shared, auto fixed_half) {
+    constexpr bool kShared = decltype(shared)::value;
+    constexpr int64_t kHalf = decltype(fixed_half)::value;
+    const int64_t row_len = kHalf != 0 ? 2 * kHalf : D;
+    at::parallel_for(0, tiles, grain, [&](int64_t tile_begin, int64_t tile_end) {
+      const int tables = table_source ? 4 : 2;
+      std::vector<acc_t> table(tables * kTileTokens * half);
+      std::vector<acc_t> scratch;
+      const int64_t stride = kTileTokens * half;
+      const int64_t end = std::min(p.tokens, tile_end * kTileTokens);
+      for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+        const int64_t s0 = tile * kTileTokens;
+        const int64_t count = std::min(kTileTokens, p.tokens - s0);
+        tile_coeffs<acc_t, pos_t>(p, s0, count, table.data());
+        if constexpr (cpu::BlockIO<scalar_t>::kPermuted) {
+          permute_coeff_rows<scalar_t>(table.data(), tables, count, half, scratch);
+        }
+        for (int64_t s = s0; s < s0 + count; ++s) {
+          const acc_t* c1 = table.data() + (s - s0) * half;
+          const acc_t* s1 = c1 + stride;
+          const TokenCoeffs<acc_t> coeffs{c1, s1, table_source ? s1 + stride : c1,
+                                          table_source ? s1 + 2 * stride : s1};
+          const bool prefetch = s + kPrefetchTokens < end;
+          for (int t = 0; t < p.num_slots; ++t) {
+            // A copy: the row stores may alias any memory, so fields read through p would be reloaded after each.
+            const rope::TensorSlot slot = p.slots[t];
+            const scalar_t* in = static_cast<const scalar_t*>(slot.in) + s * slot.in_stride_s;
+            scalar_t* out = static_cast<scalar_t*>(slot.out) + s * slot.out_stride_s;
+            for (int64_t h = 0; h < slot.heads; ++h) {
+              const scalar_t* x = in + h * slot.in_stride_h;
+              scalar_t* y = out + h * slot.out_stride_h;
+              if (prefetch) {
+                prefetch_row<scalar_t, 0>(x + kPrefetchTokens * slot.in_stride_s, row_len);
+                // Streaming stores write around the cache: fetching their lines first would undo that.
+                if (!stream) {
+                  prefetch_row<scalar_t, 1>(y + kPrefetchTokens * slot.out_stride_s, row_len);
+                }
               }
-            }
-            if (!slot.rotate) {
-              if (x != y) {
-                copy_row(x, y, D, stream);
+              if (!slot.rotate) {
+                if (x != y) {
+                  copy_row<2 * kHalf>(x, y, D, stream);
+                }
+              } else {
+                rotate_row<kShared, kHalf>(x, y, half, coeffs, stream);
               }
-            } else if (table_source) {
-              rotate_row<false>(x, y, half, coeffs, stream);
-            } else {
-              rotate_row<true>(x, y, half, coeffs, stream);
             }
           }
         }
       }
+      if (stream) {
+        cpu::stream_fence();
+      }
+    });
+  };
+  const auto with_half = [&](auto shared) {
+    switch (half) {
+      case 32:
+        return walk(shared, std::integral_constant<int64_t, 32>{});
+      case 40:
+        return walk(shared, std::integral_constant<int64_t, 40>{});
+      case 64:
+        return walk(shared, std::integral_constant<int64_t, 64>{});
+      default:
+        return walk(shared, std::integral_constant<int64_t, 0>{});
     }
-    if (stream) {
-      cpu::stream_fence();
-    }
-  });
+  };
+  if (table_source) {
+    with_half(std::false_type{});
+  } else {
+    with_half(std::true_type{});
+  }
 }
 
 }  // namespace
