@@ -220,8 +220,9 @@ inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t
 }
 
 // The same for the last n < Vectorized<acc_t>::size() elements of a row (lanes past n load as zero), with masked
-// loads and stores where the ISA has them: a scalar loop here would go through the stack and stall every row of a
-// head_dim that is not a whole number of vectors (80 on AVX-512: 40 pairs = 16 + 16 + 8).
+// loads and stores where the ISA has them rather than a scalar loop through the stack. A later load that touches
+// a masked store's full width waits for the store to retire, so a kernel that can end a row with a whole vector
+// overlapping the one before it does that instead (rope_cpu.cpp's rotate_row).
 template <typename scalar_t>
 inline Vectorized<at::opmath_type<scalar_t>> load_acc_vec(const scalar_t* p, int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -256,8 +257,8 @@ inline __m128 low_half(const Vectorized<float>& v) { return _mm256_castps256_ps1
 inline __m128d low_half(const Vectorized<double>& v) { return _mm256_castpd256_pd128(v); }
 #endif
 
-// Writes lanes [0, n) of v; streaming when `stream` and n is half a register (the tail of a row of 40 floats on
-// AVX-512), so that the row's last line is written like the others.
+// Writes lanes [0, n) of v; streaming when `stream` and n is half a register (a row of 8 floats on AVX-512), so
+// that the row's line is written like the others.
 template <typename scalar_t>
 inline void store_acc_vec(scalar_t* p, const Vectorized<at::opmath_type<scalar_t>>& v, int64_t n, bool stream = false) {
   using acc_t = at::opmath_type<scalar_t>;

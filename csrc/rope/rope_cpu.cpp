@@ -2,7 +2,7 @@
 // tokens. A tile's coefficients (cos/sin per token and pair) are computed once into a small per-thread table
 // and reused by every head of q and k. Rows are converted to and from float one accumulator vector at a time
 // (8 elements on AVX2, 16 on AVX-512): a head_dim of 80 (40 pairs) has no partial vector on AVX2, and on AVX-512
-// its last 8 pairs take masked loads and stores (streamed as a half register when the call streams).
+// its last 8 pairs are done as the whole vector of pairs 24-39 (see rotate_row).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
