@@ -306,9 +306,10 @@ inline void load_acc(const acc_t* p, int64_t n, Vectorized<acc_t>* out) {
 // broadcast values and with [C] tables such as a norm weight): they may hand the kernel the block's elements in
 // a permuted lane order, which is free for such a kernel as long as its tables are laid out the same way
 // (reorder_blocks, to_block) and anything per-channel it writes back is put back in natural order (to_block false).
-// kPermuted says whether this type does. bfloat16 on AVX2 does: a block's two float vectors hold its even and
-// its odd elements, one shift or mask per vector each way, where the natural order costs ATen's cross-lane
-// widening (vextracti128, vpmovzxwd) and packing (vpackusdw, vpermq). Other types and ISAs keep the natural
+// kPermuted says whether this type does. bfloat16 on AVX2 and in the AVX512_BF16 build does: a block's two float
+// vectors hold its even and its odd elements, one load and one shift or mask per vector, where the natural order
+// costs a widening shuffle per vector (AVX2 also cross-lane extracts, and packing on the way out; AVX512_BF16
+// packs a block with one vcvtne2ps2bf16 and one vpermw either way). Other types and ISAs keep the natural
 // order. Only whole blocks (kBlock elements) go through here; a row's shorter last block uses VecIO, in
 // natural order (reorder_blocks leaves it in place).
 template <typename scalar_t>
@@ -353,6 +354,28 @@ struct BlockIO<c10::BFloat16> {
     const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
     return _mm256_castps_si256(
         _mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan));
+  }
+};
+#endif
+
+#if defined(VLFUSE_ISA_AVX512_BF16)
+template <>
+struct BlockIO<c10::BFloat16> {
+  using fVec = Vectorized<float>;
+  static constexpr bool kPermuted = true;
+  // Part 0 holds elements 0, 2, 4, ... of the block (a bfloat16 is the high half of its float), part 1
+  // elements 1, 3, 5, ...
+  static inline void load(const c10::BFloat16* p, fVec* out) {
+    const __m512i raw = _mm512_loadu_si512(p);
+    out[0] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+    out[1] = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+  }
+  static inline void store(c10::BFloat16* p, const fVec* v, bool stream = false) {
+    // Rounded and packed as [even elements | odd elements], then interleaved back into element order.
+    const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(__m512(v[1]), __m512(v[0]));
+    const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    store_bytes(p, _mm512_permutexvar_epi16(order, halves), stream);
   }
 };
 #endif

@@ -32,6 +32,17 @@ constexpr int64_t kTileTokens = 16;
 // this far ahead is prefetched, for reading and for writing.
 constexpr int64_t kPrefetchTokens = 2;
 
+// Whether rows take BlockIO's permuted whole blocks: on AVX2, where the natural order costs cross-lane shuffles.
+// AVX-512 converts a natural-order vector with one widening load, and the natural order lets a row's partial
+// last vector be done overlapped (see rotate_row), so rows keep it there.
+template <typename scalar_t>
+constexpr bool kPermutedRows =
+#if defined(CPU_CAPABILITY_AVX512)
+    false;
+#else
+    cpu::BlockIO<scalar_t>::kPermuted;
+#endif
+
 // Per-pair coefficients of one token (see rope.h). With angles c2/s2 equal c1/s1 (kShared), and each vector of
 // them is loaded once instead of twice.
 template <typename acc_t>
@@ -65,7 +76,7 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
   using Block = cpu::BlockIO<scalar_t>;
   constexpr int64_t W = fVec::size();
   int64_t i = 0;
-  if constexpr (Block::kPermuted) {
+  if constexpr (kPermutedRows<scalar_t>) {
     // Whole blocks in BlockIO's lane order, which costs fewer conversion instructions than the natural order;
     // the coefficient rows are laid out the same way (permute_coeff_rows), and the rest of the row, shorter
     // than a block, is in natural order in both.
@@ -246,7 +257,7 @@ void rope_impl(const Params& p) {
         const int64_t s0 = tile * kTileTokens;
         const int64_t count = std::min(kTileTokens, p.tokens - s0);
         tile_coeffs<acc_t, pos_t>(p, s0, count, table.data());
-        if constexpr (cpu::BlockIO<scalar_t>::kPermuted) {
+        if constexpr (kPermutedRows<scalar_t>) {
           permute_coeff_rows<scalar_t>(table.data(), tables, count, half, scratch);
         }
         for (int64_t s = s0; s < s0 + count; ++s) {
