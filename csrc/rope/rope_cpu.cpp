@@ -43,7 +43,7 @@ constexpr bool kPermutedRows =
     cpu::BlockIO<scalar_t>::kPermuted;
 #endif
 
-// Per-pair coefficients of one token (see rope.h). With angles c2/s2 equal c1/s1 (kShared), and each vector of
+// Per-pair coefficients of one token (see rope.h). With angles, c2/s2 equal c1/s1 (kShared) and each vector of
 // them is loaded once instead of twice.
 template <typename acc_t>
 struct TokenCoeffs {
@@ -66,7 +66,7 @@ inline void rotate_vec(const Vectorized<acc_t>& lo, const Vectorized<acc_t>& hi,
   }
 }
 
-// kHalf: the pair count when the walk fixed it at compile time (see rope_impl), else 0 and half says it.
+// kHalf: the pair count when the walk fixed it at compile time (see rope_impl), else 0 and runtime_half says it.
 template <bool kShared, int64_t kHalf, typename scalar_t>
 inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
                        const TokenCoeffs<at::opmath_type<scalar_t>>& c, bool stream) {
