@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch
+
 NATIVE_ERROR: str | None = None
 try:
     from . import _C as native
@@ -22,3 +24,15 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 def require_native() -> None:
     if native is None:
         raise RuntimeError(f"vlfuse: the native library is not loaded ({NATIVE_ERROR}); rebuild vlfuse")
+
+
+def call_op(op: torch._ops.OpOverload, *args):
+    """Calls a vlfuse op. When autograd has nothing to record (grad mode off, or no argument requires grad) the
+    call goes straight below the Autograd key: the kernel torch.library.register_autograd puts there is Python,
+    and its no-grad branch, which only re-dispatches, costs more than the whole op on a small input (~10 us a
+    call). Inside a torch.compile trace the op is called as it is, for the graph to record it."""
+    require_native()
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)

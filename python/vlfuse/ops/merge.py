@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._native import require_native
+from .._native import call_op
 
 __all__ = ["merge2x2"]
 
@@ -42,8 +42,7 @@ def merge2x2(
                         row (hb, wb) holds tokens (hb*m + a, wb*m + b) for a, b in [0, m), a major
     returns:  [S / m^2, m^2 * C] in x's dtype. Differentiable w.r.t. x, weight and bias.
     """
-    require_native()
-    return torch.ops.vlfuse.merge2x2(x, grid_thw, weight, bias, eps, norm, order, merge_size)[0]
+    return call_op(torch.ops.vlfuse.merge2x2.default, x, grid_thw, weight, bias, eps, norm, order, merge_size)[0]
 
 
 # ---- fake (meta) kernels: shapes only ------------------------------------------------------------------------

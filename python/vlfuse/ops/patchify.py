@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._native import require_native
+from .._native import call_op, require_native
 
 __all__ = ["patch_embed", "patchify", "embed_frames", "smart_resize", "CLIP_MEAN", "CLIP_STD"]
 
@@ -33,8 +33,7 @@ def patch_embed(patches: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     bias:    [E] or None
     returns  [N, E] in weight's dtype. Differentiable w.r.t. patches, weight and bias.
     """
-    require_native()
-    return torch.ops.vlfuse.patch_embed(patches, weight, bias)
+    return call_op(torch.ops.vlfuse.patch_embed.default, patches, weight, bias)
 
 
 def _frame_list(frames: Tensor | Sequence[Tensor]) -> list[Tensor]:

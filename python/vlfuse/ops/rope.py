@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._native import require_native
+from .._native import call_op, require_native
 
 __all__ = ["rope_qkv", "rope", "rope_", "rope_cos_sin", "vision_rope_freqs", "vision_positions"]
 
@@ -29,8 +29,7 @@ def rope_qkv(
     returns q, k, v: [S, H, D] for out_layout="shd", [H, S, D] for "hsd" (what SDPA takes); contiguous.
     Differentiable w.r.t. qkv, and w.r.t. freqs when it requires grad.
     """
-    require_native()
-    return torch.ops.vlfuse.rope_qkv(qkv, positions, freqs, num_heads, out_layout)
+    return call_op(torch.ops.vlfuse.rope_qkv.default, qkv, positions, freqs, num_heads, out_layout)
 
 
 def rope(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
@@ -38,8 +37,7 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor
 
     positions: [S, A] integer, A in 1..4; freqs: [A, D / 2] float32. Returns new contiguous tensors.
     """
-    require_native()
-    return torch.ops.vlfuse.rope(q, k, positions, freqs)
+    return call_op(torch.ops.vlfuse.rope.default, q, k, positions, freqs)
 
 
 class _RopeInplace(torch.autograd.Function):
@@ -74,8 +72,7 @@ def rope_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
     q: [S, Hq, D], k: [S, Hk, D]; cos, sin: [S, D] (any float dtype; used in float32).
     out = x * cos + rotate_half(x) * sin, computed in float32, returned in q's dtype.
     """
-    require_native()
-    return torch.ops.vlfuse.rope_cos_sin(q, k, cos, sin)
+    return call_op(torch.ops.vlfuse.rope_cos_sin.default, q, k, cos, sin)
 
 
 def vision_rope_freqs(head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> Tensor:

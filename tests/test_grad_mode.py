@@ -1,0 +1,70 @@
+"""Every public op under each grad mode: with nothing for autograd to record the call skips the autograd
+layer (vlfuse._native.call_op), and must give the same values as the recorded call, with outputs that do not
+require grad; with a differentiable argument that requires grad it is recorded as before."""
+
+import contextlib
+
+import pytest
+import torch
+
+from vlfuse import ops
+
+S, H, D, C = 16, 2, 8, 12
+
+
+def _cases():
+    torch.manual_seed(0)
+    grid = torch.tensor([[1, 4, 4]])
+    positions = ops.vision_positions(grid)
+    freqs = ops.vision_rope_freqs(D)
+    qkv = torch.randn(S, 3 * H * D)
+    q, k = torch.randn(S, H, D), torch.randn(S, 1, D)
+    cos, sin = torch.randn(S, D), torch.randn(S, D)
+    x, weight, bias = torch.randn(S, C), torch.rand(C) + 0.5, torch.randn(C)
+    patches, embed_w = torch.randn(S, 24), torch.randn(5, 24)
+    # (name, function, its tensor arguments, which of them are differentiable)
+    return [
+        ("rope_qkv", lambda a, b, c: ops.rope_qkv(a, b, c, H, "hsd"), [qkv, positions, freqs], [0, 2]),
+        ("rope", ops.rope, [q, k, positions, freqs], [0, 1, 3]),
+        ("rope_cos_sin", ops.rope_cos_sin, [q, k, cos, sin], [0, 1, 2, 3]),
+        ("merge2x2", lambda a, g, w, b: ops.merge2x2(a, g, w, b), [x, grid, weight, bias], [0, 2, 3]),
+        ("patch_embed", ops.patch_embed, [patches, embed_w], [0, 1]),
+    ]
+
+
+CASES = _cases()
+
+
+def _outputs(result):
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+@pytest.mark.parametrize("name,fn,args,diff", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad_no_requires"])
+def test_unrecorded_calls_match_recorded_ones(name, fn, args, diff, mode):
+    leaves = [a.detach().clone().requires_grad_(i in diff) for i, a in enumerate(args)]
+    recorded = _outputs(fn(*leaves))
+    assert all(o.requires_grad for o in recorded)
+
+    plain = [a.detach().clone() for a in args]
+    if mode == "no_grad":
+        ctx, call_args = torch.no_grad(), leaves  # arguments that require grad, grad mode off
+    elif mode == "inference_mode":
+        ctx, call_args = torch.inference_mode(), plain
+    else:
+        ctx, call_args = contextlib.nullcontext(), plain  # grad mode on, nothing requires grad
+    with ctx:
+        out = _outputs(fn(*call_args))
+    assert len(out) == len(recorded)
+    for o, r in zip(out, recorded):
+        assert not o.requires_grad and o.grad_fn is None
+        torch.testing.assert_close(o, r.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,fn,args,diff", CASES, ids=[c[0] for c in CASES])
+def test_one_differentiable_argument_is_enough_to_record(name, fn, args, diff):
+    for i in diff:
+        call = [a.detach().clone().requires_grad_(j == i) for j, a in enumerate(args)]
+        out = _outputs(fn(*call))
+        sum(o.float().sum() for o in out).backward()
+        assert call[i].grad is not None, f"{name}: no gradient reached argument {i}"
