@@ -88,9 +88,8 @@ def _merge2x2_backward(ctx, grad_out, grad_mean, grad_rstd):
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]]
     if grad_out is None or not any(mask):
         return None, None, None, None, None, None, None, None
-    grad_x, grad_w, grad_b = torch.ops.vlfuse.merge2x2_backward(
-        grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, mask
-    )
+    op = torch.ops.vlfuse.merge2x2_backward.default
+    grad_x, grad_w, grad_b = call_op(op, grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, mask)
     return (
         grad_x if mask[0] else None,
         None,

@@ -158,10 +158,10 @@ def _patch_embed_backward(ctx, grad_out):
     flat = weight.reshape(weight.shape[0], -1)
     grad_patches = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_patches = torch.ops.vlfuse.patch_embed(grad_out, flat.t(), None).to(ctx.patches_dtype)
+        grad_patches = call_op(torch.ops.vlfuse.patch_embed.default, grad_out, flat.t(), None).to(ctx.patches_dtype)
     if ctx.needs_input_grad[1]:
         rows = patches.to(weight.dtype).t()
-        grad_weight = torch.ops.vlfuse.patch_embed(grad_out.t(), rows, None).reshape(ctx.weight_shape)
+        grad_weight = call_op(torch.ops.vlfuse.patch_embed.default, grad_out.t(), rows, None).reshape(ctx.weight_shape)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_out.sum(0)
     return grad_patches, grad_weight, grad_bias
@@ -181,9 +181,8 @@ def _patch_embed_autocast(device_type: str):
     def kernel(patches: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         dtype = torch.get_autocast_dtype(device_type)
         with torch.autocast(device_type, enabled=False):
-            return torch.ops.vlfuse.patch_embed(
-                patches.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-            )
+            args = (patches.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            return call_op(torch.ops.vlfuse.patch_embed.default, *args)
 
     return kernel
 

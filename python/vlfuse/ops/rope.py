@@ -52,7 +52,8 @@ class _RopeInplace(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q: Tensor, grad_k: Tensor):
         positions, freqs = ctx.saved_tensors
-        gq, gk = torch.ops.vlfuse.rope(*_zeros_if_none(grad_q, grad_k, ctx.shapes), positions, freqs, True)
+        grads = _zeros_if_none(grad_q, grad_k, ctx.shapes)
+        gq, gk = call_op(torch.ops.vlfuse.rope.default, *grads, positions, freqs, True)
         return gq, gk, None, None
 
 
@@ -195,7 +196,7 @@ def _rope_qkv_backward(ctx, grad_q, grad_k, grad_v):
     positions, freqs, *outs = ctx.saved_tensors
     ref = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
     grads = [torch.zeros_like(ref) if g is None else g for g in (grad_q, grad_k, grad_v)]
-    grad_qkv = torch.ops.vlfuse.rope_qkv_backward(*grads, positions, freqs, ctx.out_layout)
+    grad_qkv = call_op(torch.ops.vlfuse.rope_qkv_backward.default, *grads, positions, freqs, ctx.out_layout)
     grad_freqs = None
     if ctx.freqs_grad:
         if ctx.out_layout == "hsd":
@@ -224,7 +225,9 @@ def _rope_qkv_double_backward(ctx, grad_grad_qkv):
     if ctx.freqs_grad:
         raise NotImplementedError("vlfuse.rope_qkv: second derivatives with respect to freqs are not supported")
     positions, freqs = ctx.saved_tensors
-    gq, gk, gv = torch.ops.vlfuse.rope_qkv(grad_grad_qkv, positions, freqs, ctx.num_heads, ctx.out_layout)
+    gq, gk, gv = call_op(
+        torch.ops.vlfuse.rope_qkv.default, grad_grad_qkv, positions, freqs, ctx.num_heads, ctx.out_layout
+    )
     return gq, gk, gv, None, None, None
 
 
@@ -253,7 +256,8 @@ def _zeros_if_none(grad_q, grad_k, shapes):
 
 def _rope_backward(ctx, grad_q, grad_k):
     positions, freqs, *outs = ctx.saved_tensors
-    gq, gk = torch.ops.vlfuse.rope(*_zeros_if_none(grad_q, grad_k, ctx.shapes), positions, freqs, not ctx.inverse)
+    grads = _zeros_if_none(grad_q, grad_k, ctx.shapes)
+    gq, gk = call_op(torch.ops.vlfuse.rope.default, *grads, positions, freqs, not ctx.inverse)
     grad_freqs = None
     if ctx.freqs_grad:
         dangle = _angle_grad(outs, [grad_q, grad_k], freqs.shape[-1])
@@ -275,8 +279,8 @@ def _rope_cos_sin_setup(ctx, inputs, output):
 
 def _rope_cos_sin_backward(ctx, grad_q, grad_k):
     cos, sin, *inputs = ctx.saved_tensors
-    gq, gk = torch.ops.vlfuse.rope_cos_sin(
-        *_zeros_if_none(grad_q, grad_k, ctx.shapes), cos, sin, not ctx.inverse
+    gq, gk = call_op(
+        torch.ops.vlfuse.rope_cos_sin.default, *_zeros_if_none(grad_q, grad_k, ctx.shapes), cos, sin, not ctx.inverse
     )
     grad_cos = grad_sin = None
     if ctx.table_grad:
