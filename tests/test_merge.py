@@ -237,6 +237,25 @@ def test_qwen2vl_width_and_statistics_are_stable(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("channels", [1, 31, 33, 256, 257, 600, 1280])
+def test_statistics_on_both_sides_of_the_centered_test(device, dtype, channels):
+    """The CPU kernel keeps plain sums for a token whose mean^2 <= 8 var and takes a shifted second pass for
+    the others: tokens whose |mean| / std runs across sqrt(8) ~ 2.83, in one call (each token picks its own
+    path), at widths with and without a partial last vector (and the bfloat16 sums' 256-value steps)."""
+    torch.manual_seed(0)
+    ratios = torch.tensor([0.0, 1.0, -2.5, 2.8, -2.9, 3.5, 10.0, -30.0])
+    S = 4 * len(ratios)
+    x = (torch.randn(S, channels) + ratios.repeat_interleave(4)[:, None]).to(device=device, dtype=dtype)
+    weight = (torch.randn(channels) + 1).to(device=device, dtype=dtype)
+    bias = torch.randn(channels).to(device=device, dtype=dtype)
+    grid = torch.tensor([[1, 2, S // 2]])
+    got = ops.merge2x2(x, grid, weight, bias, order="raster")
+    exact = ref.merge2x2(x.double(), grid, weight.double(), bias.double(), order="raster")
+    torch.testing.assert_close(got.double(), exact.to(dtype).double(), **tol(dtype, scale=4))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_non_finite_token_stays_in_its_rows(device, dtype):
     """A NaN or inf in one token makes that token's output (and input gradient) NaN and leaves the other tokens
     exact: the kernels' whole-block paths (bf16: even/odd lanes, its own rounding) keep NaN a NaN."""
