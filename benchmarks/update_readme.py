@@ -60,6 +60,7 @@ def device_section(path: str) -> list[str]:
     lines = [
         f"### {machine['device']} ({machine['device_type']}"
         + (f", vlfuse {machine['vlfuse_cpu_isa']} build" if machine.get("vlfuse_cpu_isa") else "")
+        + (f", family {machine['cpu_family']} model {machine['cpu_model']}" if "cpu_family" in machine else "")
         + f", {machine['threads']} threads)",
         "",
         f"torch {machine['torch']}, transformers {machine.get('transformers')}, run {machine.get('date_utc', '?')}; "

@@ -241,3 +241,17 @@ def test_inexact_baseline_is_judged_by_its_float64_run():
     assert any("HF eager by" in note for note in record["notes"])
     wrong = runner.run_suite([dataclasses.replace(case, build=lambda c, d: dataclasses.replace(_wrong_rope(c, d), reference=build_rope_qkv(c, d).eager))], _options())
     assert wrong["results"][0]["check"].startswith("FAIL")
+
+
+def test_cpu_slug_names_the_core_generation_and_the_build():
+    from vlfuse.bench import machine
+
+    slug = machine.device_slug(torch.device("cpu"))
+    assert slug.startswith("cpu-") and slug == slug.lower() and " " not in slug
+    assert slug.endswith("-".join(machine._slug_words(vlfuse.build_info()["cpu_isa"])))
+    signature = machine.cpu_signature()
+    if signature:  # Linux: /proc/cpuinfo gives the family and model numbers
+        assert f"-f{signature['cpu_family']}m{signature['cpu_model']}-" in slug
+        assert machine.machine_info(torch.device("cpu"), measure_limits=False, quick=True)["cpu_family"] == (
+            signature["cpu_family"]
+        )

@@ -24,19 +24,41 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_signature() -> dict:
+    """The CPU's family and model numbers from /proc/cpuinfo (empty elsewhere): a VM's model name ("AMD EPYC")
+    says nothing of the core generation (family 25 model 17 is Zen 4, family 26 Zen 5), whose figures differ."""
+    found = {}
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model") and key.replace(" ", "_") not in found:
+                    found[key.replace(" ", "_")] = int(value)
+                if not line.strip():
+                    break
+    except (OSError, ValueError):
+        return {}
+    return {"cpu_family": found["cpu_family"], "cpu_model": found["model"]} if len(found) == 2 else {}
+
+
 def _slug_words(text: str) -> list[str]:
     keep = "".join(ch if ch.isalnum() else "-" for ch in text.lower())
     return [w for w in keep.split("-") if w and w not in {"r", "tm", "processor", "cpu", "with", "core", "80gb", "hbm3"}]
 
 
 def device_slug(device: torch.device) -> str:
-    """A file-name-safe name for benchmarks/results/<slug>.json, e.g. "cpu-amd-epyc-avx512-bf16" or
-    "cuda-nvidia-h100". A CPU's slug ends in the vlfuse build it ran: a VM's model name ("AMD EPYC") can stand for
-    machines with and without AVX-512, whose figures differ."""
+    """A file-name-safe name for benchmarks/results/<slug>.json, e.g. "cpu-amd-epyc-f25m17-avx512-bf16" or
+    "cuda-nvidia-h100". A VM's CPU model name ("AMD EPYC") can stand for several core generations, with and
+    without AVX-512, whose figures differ: a CPU's slug adds its family and model numbers where /proc/cpuinfo
+    has them, and ends in the vlfuse build it ran."""
     words = _slug_words(device_name(device))[:4]
     if device.type == "cpu":
         import vlfuse
 
+        signature = cpu_signature()
+        if signature:
+            words.append(f"f{signature['cpu_family']}m{signature['cpu_model']}")
         words += _slug_words(str(vlfuse.build_info().get("cpu_isa") or ""))
     return "-".join([device.type] + words)
 
@@ -71,6 +93,7 @@ def machine_info(device: torch.device, measure_limits: bool, quick: bool) -> dic
     if device.type == "cpu":
         info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
         info["vlfuse_cpu_isa"] = vlfuse.build_info().get("cpu_isa")
+        info.update(cpu_signature())
     if measure_limits:
         info.update(measure_machine_limits(device, quick))
     return info
