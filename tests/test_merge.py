@@ -239,9 +239,10 @@ def test_qwen2vl_width_and_statistics_are_stable(device):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("channels", [1, 31, 33, 256, 257, 600, 1280])
 def test_statistics_on_both_sides_of_the_centered_test(device, dtype, channels):
-    """The CPU kernel keeps plain sums for a token whose mean^2 <= 8 var and takes a shifted second pass for
-    the others: tokens whose |mean| / std runs across sqrt(8) ~ 2.83, in one call (each token picks its own
-    path), at widths with and without a partial last vector (and the bfloat16 sums' 256-value steps)."""
+    """The CPU kernel's bfloat16 statistics (AVX512_BF16 build) keep plain sums for a token whose
+    mean^2 <= 8 var and sum the others again, shifted: tokens whose |mean| / std runs across sqrt(8) ~ 2.83, in
+    one call (each token picks its own path), at widths with and without a partial last vector (and the plain
+    sums' 256-value steps); the other types' shifted sums see the same tokens."""
     torch.manual_seed(0)
     ratios = torch.tensor([0.0, 1.0, -2.5, 2.8, -2.9, 3.5, 10.0, -30.0])
     S = 4 * len(ratios)

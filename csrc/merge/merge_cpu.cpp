@@ -1,7 +1,7 @@
 // CPU norm + m x m merge kernels. Compiled once per ISA (see CMakeLists.txt). Forward: parallel over output
-// rows; each of a row's m^2 source tokens is read from memory once, in a statistics pass (plain sums; a token
-// whose mean is far from zero on the scale of its spread takes a second, shifted one: Row::stats), and its
-// normalized values are written straight into the merged row by a last pass over the token while it sits in L1. Backward: the same walk, two passes per token (the two row sums of the input
+// rows; each of a row's m^2 source tokens is read from memory once, in one statistics pass (shifted sums, see
+// Row::stats), and its normalized values are written straight into the merged row by a second pass over the
+// token while it sits in L1. Backward: the same walk, two passes per token (the two row sums of the input
 // gradient, then the gradient itself), with per-chunk weight/bias partial sums reduced in a fixed order at the
 // end. Both prefetch the next token during a token's last pass, so its first pass does not wait on memory, and
 // write with streaming stores when the call moves more than the last-level cache holds
@@ -135,15 +135,22 @@ struct Row {
     return at::vec::vec_reduce_all<acc_t>([](fVec& a, fVec& b) { return a + b; }, total);
   }
 
-  // Sums of d = x - K and of d^2 over a token: kShifted = false is K = 0, the plain sums of x and x^2.
-  template <bool kShifted>
-  static inline void sums(const scalar_t* x, int64_t C, acc_t K, acc_t& sum_d, acc_t& sum_d2) {
-#if defined(VLFUSE_ISA_AVX512_BF16)
-    if constexpr (!kShifted && std::is_same_v<scalar_t, c10::BFloat16>) {
-      cpu::bf16_sums(x, C, sum_d, sum_d2);
-      return;
-    }
-#endif
+  // Sum of the first n elements of a token.
+  static inline acc_t sum(const scalar_t* x, int64_t n) {
+    fVec acc[kAcc];
+    zero(acc);
+    for_blocks(n, [&](int64_t i, auto len, auto slot) {
+      fVec v[kParts];
+      load(x + i, len, v);
+      for (int j = 0; j < kParts; ++j) {
+        acc[slot * kParts + j] += v[j];
+      }
+    });
+    return reduce(acc);
+  }
+
+  // Sums of d = x - K and of d^2 over a token.
+  static inline void shifted_sums(const scalar_t* x, int64_t C, acc_t K, acc_t& sum_d, acc_t& sum_d2) {
     fVec s[kAcc], q[kAcc];
     zero(s);
     zero(q);
@@ -152,7 +159,7 @@ struct Row {
       fVec v[kParts];
       load(x + i, n, v);
       for (int j = 0; j < kParts; ++j) {
-        const fVec d = kShifted ? mask_tail(v[j] - kv, n, j) : v[j];
+        const fVec d = mask_tail(v[j] - kv, n, j);
         s[slot * kParts + j] += d;
         q[slot * kParts + j] = at::vec::fmadd(d, d, q[slot * kParts + j]);
       }
@@ -164,21 +171,37 @@ struct Row {
   // mean and rstd of one token by shifted sums: with K an estimate of the mean, the sums of d = x - K and of
   // d^2 give mean = K + sum_d / C and var = sum_d2 / C - (sum_d / C)^2, whose rounding error is that of a sum
   // of squares of size C * (var + (mean - K)^2): a few roundings of var when (mean - K)^2 <= 8 var, where
-  // E[x^2] - E[x]^2 (K = 0) would lose every digit for a token with a large common offset. So the first pass
-  // takes K = 0 (plain sums, the cheapest pass) and is kept when its own result says mean^2 <= 8 var (its error
-  // cannot move that test by more than ~1e-4 of var); a token that fails it, or has a NaN, gets a second pass
-  // over its values, in L1 by then, with K = the first pass's mean. RMSNorm's "variance" is mean(x^2) itself.
+  // E[x^2] - E[x]^2 (K = 0) would lose every digit for a token with a large common offset. K is the mean of the
+  // token's first n0 >= C / 8 elements (all of them for C <= 64), which by Cauchy-Schwarz gives
+  // (mean - K)^2 <= (C / n0) var <= 8 var, at the cost of re-reading C / 8 elements that are in L1.
+  // bfloat16 in the AVX512_BF16 build first takes the plain sums (K = 0), one vdpbf16ps per 32 values and sum
+  // (cpu::bf16_sums), and keeps them when they say mean^2 <= 8 var (their error cannot move that test by more
+  // than ~1e-4 of var); a token that fails it, or has a NaN, is summed again with K = that mean. Other types
+  // keep the K estimate: plain float sums are not faster enough to be worth results that differ in the last
+  // bits from before (a training run's trajectory follows them). RMSNorm's "variance" is mean(x^2) itself.
   static inline void stats(const scalar_t* x, int64_t C, Norm norm, double eps, acc_t& mean, acc_t& rstd) {
     const acc_t count = static_cast<acc_t>(C);
-    acc_t sum_d, sum_d2, var;
-    sums<false>(x, C, acc_t(0), sum_d, sum_d2);
-    merge::corrected_moments(sum_d, sum_d2, count, norm, mean, var);
-    if (norm == Norm::LayerNorm && !(mean * mean <= acc_t(8) * var)) {
-      const acc_t K = mean;
-      sums<true>(x, C, K, sum_d, sum_d2);
+    acc_t K = acc_t(0), sum_d, sum_d2, var;
+    bool have_k = norm == Norm::RMSNorm;
+#if defined(VLFUSE_ISA_AVX512_BF16)
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      cpu::bf16_sums(x, C, sum_d, sum_d2);
       merge::corrected_moments(sum_d, sum_d2, count, norm, mean, var);
-      mean += K;
+      if (norm == Norm::RMSNorm || mean * mean <= acc_t(8) * var) {
+        rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+        return;
+      }
+      K = mean;
+      have_k = true;
     }
+#endif
+    if (!have_k) {
+      const int64_t n0 = std::min<int64_t>(C, std::max<int64_t>(64, C / 8));
+      K = sum(x, n0) / static_cast<acc_t>(n0);
+    }
+    shifted_sums(x, C, K, sum_d, sum_d2);
+    merge::corrected_moments(sum_d, sum_d2, count, norm, mean, var);
+    mean += K;
     rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
   }
 
