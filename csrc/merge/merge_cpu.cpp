@@ -181,28 +181,27 @@ struct Row {
   // bits from before (a training run's trajectory follows them). RMSNorm's "variance" is mean(x^2) itself.
   static inline void stats(const scalar_t* x, int64_t C, Norm norm, double eps, acc_t& mean, acc_t& rstd) {
     const acc_t count = static_cast<acc_t>(C);
+    const auto rstd_of = [eps](acc_t var) { return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps)); };
     acc_t K = acc_t(0), sum_d, sum_d2, var;
-    bool have_k = norm == Norm::RMSNorm;
 #if defined(VLFUSE_ISA_AVX512_BF16)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       cpu::bf16_sums(x, C, sum_d, sum_d2);
       merge::corrected_moments(sum_d, sum_d2, count, norm, mean, var);
       if (norm == Norm::RMSNorm || mean * mean <= acc_t(8) * var) {
-        rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+        rstd = rstd_of(var);
         return;
       }
       K = mean;
-      have_k = true;
-    }
+    } else  // the estimate below is for the other types
 #endif
-    if (!have_k) {
+    if (norm == Norm::LayerNorm) {
       const int64_t n0 = std::min<int64_t>(C, std::max<int64_t>(64, C / 8));
       K = sum(x, n0) / static_cast<acc_t>(n0);
     }
     shifted_sums(x, C, K, sum_d, sum_d2);
     merge::corrected_moments(sum_d, sum_d2, count, norm, mean, var);
     mean += K;
-    rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+    rstd = rstd_of(var);
   }
 
   // The per-token work takes everything by value: the kernels' vector stores may alias any memory, so values

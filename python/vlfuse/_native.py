@@ -30,7 +30,8 @@ def call_op(op: torch._ops.OpOverload, *args):
     """Calls a vlfuse op. When autograd has nothing to record (grad mode off, or no argument requires grad) the
     call goes straight below the Autograd key: the kernel torch.library.register_autograd puts there is Python,
     and its no-grad branch, which only re-dispatches, costs as much as the whole op on a small input (a 4-token
-    merge2x2 took 33 us through it and 16 us below it, on a 2-core Zen 4 VM). Inside a torch.compile trace the op is called as it is, for the graph to record it."""
+    merge2x2 took 33 us through it and 16 us below it, on a 2-core Zen 4 VM). Inside a torch.compile trace the
+    op is called as it is, for the graph to record it."""
     require_native()
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
         return op(*args)
