@@ -224,19 +224,25 @@ void rope_impl(const Params& p) {
   const bool table_source = p.source == AngleSource::Table;
   int64_t row_elems = 0;
   // Streaming stores pay off only where they fill whole cache lines before the write-combining buffers give them
-  // up: rows the walk writes one after another must each be a whole number of lines (an [H, S, D] bf16 output
-  // with D = 80 has 160-byte rows, and writing them streaming measured 1.1-2x slower; fp32's 320 bytes, 2x faster).
-  bool whole_lines = true;
+  // up: what the walk writes in one go must be a whole number of lines. A token's run (its row of an [H, S, D]
+  // output, or all its heads of an [S, H, D] one) may be; where it is not but two adjacent tokens' runs are (bf16
+  // [H, S, D] at D = 80: 160-byte rows, 320 bytes a pair), the walk takes tokens in pairs, each (tensor, head)
+  // writing both its rows before the next. Streaming half lines measured 1.1-2x slower than plain stores.
+  int64_t lines_once = 1, lines_paired = 1;
   bool in_place = false;
   for (int t = 0; t < p.num_slots; ++t) {
     const rope::TensorSlot& slot = p.slots[t];
     row_elems += slot.heads * D;
     in_place = in_place || slot.in == slot.out;
     const int64_t run = slot.out_stride_h == D ? slot.heads * D : D;
-    whole_lines = whole_lines && run * static_cast<int64_t>(sizeof(scalar_t)) % 64 == 0;
+    const int64_t bytes = run * static_cast<int64_t>(sizeof(scalar_t));
+    lines_once = lines_once && bytes % 64 == 0;
+    lines_paired = lines_paired && slot.out_stride_s == run && (2 * bytes) % 64 == 0 &&
+                   (slot.out_stride_h * static_cast<int64_t>(sizeof(scalar_t))) % 64 == 0;
   }
+  const int64_t step = lines_once || !lines_paired ? 1 : 2;
   // Out of place, every element is read once and written once.
-  const bool stream = !in_place && whole_lines &&
+  const bool stream = !in_place && (lines_once || lines_paired) &&
                       cpu::prefer_streaming_stores(2 * p.tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_elems * kTileTokens, 1));
@@ -260,32 +266,34 @@ void rope_impl(const Params& p) {
         if constexpr (kPermutedRows<scalar_t>) {
           permute_coeff_rows<scalar_t>(table.data(), tables, count, half, scratch);
         }
-        for (int64_t s = s0; s < s0 + count; ++s) {
-          const acc_t* c1 = table.data() + (s - s0) * half;
-          const acc_t* s1 = c1 + stride;
-          const TokenCoeffs<acc_t> coeffs{c1, s1, table_source ? s1 + stride : c1,
-                                          table_source ? s1 + 2 * stride : s1};
-          const bool prefetch = s + kPrefetchTokens < end;
+        for (int64_t s = s0; s < s0 + count; s += step) {
+          const int64_t together = std::min(step, s0 + count - s);
           for (int t = 0; t < p.num_slots; ++t) {
             // A copy: the row stores may alias any memory, so fields read through p would be reloaded after each.
             const rope::TensorSlot slot = p.slots[t];
-            const scalar_t* in = static_cast<const scalar_t*>(slot.in) + s * slot.in_stride_s;
-            scalar_t* out = static_cast<scalar_t*>(slot.out) + s * slot.out_stride_s;
             for (int64_t h = 0; h < slot.heads; ++h) {
-              const scalar_t* x = in + h * slot.in_stride_h;
-              scalar_t* y = out + h * slot.out_stride_h;
-              if (prefetch) {
-                prefetch_row<scalar_t, 0>(x + kPrefetchTokens * slot.in_stride_s, row_len);
-                // Streaming stores write around the cache: fetching their lines first would undo that.
-                if (!stream) {
-                  prefetch_row<scalar_t, 1>(y + kPrefetchTokens * slot.out_stride_s, row_len);
+              for (int64_t j = 0; j < together; ++j) {
+                const int64_t token = s + j;
+                const scalar_t* x = static_cast<const scalar_t*>(slot.in) + token * slot.in_stride_s +
+                                    h * slot.in_stride_h;
+                scalar_t* y = static_cast<scalar_t*>(slot.out) + token * slot.out_stride_s + h * slot.out_stride_h;
+                if (token + kPrefetchTokens < end) {
+                  prefetch_row<scalar_t, 0>(x + kPrefetchTokens * slot.in_stride_s, row_len);
+                  // Streaming stores write around the cache: fetching their lines first would undo that.
+                  if (!stream) {
+                    prefetch_row<scalar_t, 1>(y + kPrefetchTokens * slot.out_stride_s, row_len);
+                  }
                 }
-              }
-              if (!slot.rotate) {
-                if (x != y) {
-                  copy_row<2 * kHalf>(x, y, D, stream);
+                if (!slot.rotate) {
+                  if (x != y) {
+                    copy_row<2 * kHalf>(x, y, D, stream);
+                  }
+                  continue;
                 }
-              } else {
+                const acc_t* c1 = table.data() + (token - s0) * half;
+                const acc_t* s1 = c1 + stride;
+                const TokenCoeffs<acc_t> coeffs{c1, s1, table_source ? s1 + stride : c1,
+                                                table_source ? s1 + 2 * stride : s1};
                 rotate_row<kShared, kHalf>(x, y, half, coeffs, stream);
               }
             }
