@@ -228,7 +228,7 @@ void rope_impl(const Params& p) {
   // output, or all its heads of an [S, H, D] one) may be; where it is not but two adjacent tokens' runs are (bf16
   // [H, S, D] at D = 80: 160-byte rows, 320 bytes a pair), the walk takes tokens in pairs, each (tensor, head)
   // writing both its rows before the next. Streaming half lines measured 1.1-2x slower than plain stores.
-  int64_t lines_once = 1, lines_paired = 1;
+  bool lines_once = true, lines_paired = true;
   bool in_place = false;
   for (int t = 0; t < p.num_slots; ++t) {
     const rope::TensorSlot& slot = p.slots[t];
@@ -237,8 +237,10 @@ void rope_impl(const Params& p) {
     const int64_t run = slot.out_stride_h == D ? slot.heads * D : D;
     const int64_t bytes = run * static_cast<int64_t>(sizeof(scalar_t));
     lines_once = lines_once && bytes % 64 == 0;
-    lines_paired = lines_paired && slot.out_stride_s == run && (2 * bytes) % 64 == 0 &&
-                   (slot.out_stride_h * static_cast<int64_t>(sizeof(scalar_t))) % 64 == 0;
+    // Pairs start on a line only where each [S, D] plane of an [H, S, D] output does.
+    const bool planes_aligned =
+        slot.out_stride_h == D || (slot.out_stride_h * static_cast<int64_t>(sizeof(scalar_t))) % 64 == 0;
+    lines_paired = lines_paired && slot.out_stride_s == run && (2 * bytes) % 64 == 0 && planes_aligned;
   }
   const int64_t step = lines_once || !lines_paired ? 1 : 2;
   // Out of place, every element is read once and written once.
