@@ -270,6 +270,12 @@ void rope_impl(const Params& p) {
         }
         for (int64_t s = s0; s < s0 + count; s += step) {
           const int64_t together = std::min(step, s0 + count - s);
+          TokenCoeffs<acc_t> coeffs[2];
+          for (int64_t j = 0; j < together; ++j) {
+            const acc_t* c1 = table.data() + (s + j - s0) * half;
+            const acc_t* s1 = c1 + stride;
+            coeffs[j] = {c1, s1, table_source ? s1 + stride : c1, table_source ? s1 + 2 * stride : s1};
+          }
           for (int t = 0; t < p.num_slots; ++t) {
             // A copy: the row stores may alias any memory, so fields read through p would be reloaded after each.
             const rope::TensorSlot slot = p.slots[t];
@@ -292,11 +298,7 @@ void rope_impl(const Params& p) {
                   }
                   continue;
                 }
-                const acc_t* c1 = table.data() + (token - s0) * half;
-                const acc_t* s1 = c1 + stride;
-                const TokenCoeffs<acc_t> coeffs{c1, s1, table_source ? s1 + stride : c1,
-                                                table_source ? s1 + 2 * stride : s1};
-                rotate_row<kShared, kHalf>(x, y, half, coeffs, stream);
+                rotate_row<kShared, kHalf>(x, y, half, coeffs[j], stream);
               }
             }
           }
