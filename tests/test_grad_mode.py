@@ -1,13 +1,15 @@
 """Every public op under each grad mode: with nothing for autograd to record the call skips the autograd
 layer (vlfuse._native.call_op), and must give the same values as the recorded call, with outputs that do not
-require grad; with a differentiable argument that requires grad it is recorded as before."""
+require grad; with a differentiable argument that requires grad it is recorded, in eager mode by the op's own
+autograd.Function (vlfuse._native.register_autograd), which must agree bit for bit with the autograd kernel
+torch.library.register_autograd registers (what torch.ops callers get)."""
 
 import contextlib
 
 import pytest
 import torch
 
-from vlfuse import ops
+from vlfuse import _native, ops
 
 S, H, D, C = 16, 2, 8, 12
 
@@ -68,3 +70,36 @@ def test_one_differentiable_argument_is_enough_to_record(name, fn, args, diff):
         out = _outputs(fn(*call))
         sum(o.float().sum() for o in out).backward()
         assert call[i].grad is not None, f"{name}: no gradient reached argument {i}"
+
+
+def _values_and_grads(fn, args, diff, autocast=False):
+    leaves = [a.detach().clone().requires_grad_(i in diff) for i, a in enumerate(args)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = _outputs(fn(*leaves))
+    torch.manual_seed(1)
+    torch.autograd.backward(out, [torch.randn_like(o) for o in out])  # outside autocast, as in training
+    return out, [leaves[i].grad for i in diff]
+
+
+@pytest.mark.parametrize("name,fn,args,diff", CASES, ids=[c[0] for c in CASES])
+def test_eager_function_matches_the_registered_autograd_kernel(name, fn, args, diff, monkeypatch):
+    out, grads = _values_and_grads(fn, args, diff)
+    assert all(type(o.grad_fn).__name__.startswith(f"vlfuse_{name}_Function") for o in out)
+
+    monkeypatch.setattr(_native, "_EAGER_AUTOGRAD", {})  # every call goes through torch.ops' Autograd kernel
+    registered_out, registered_grads = _values_and_grads(fn, args, diff)
+    assert all(type(o.grad_fn).__name__.startswith("GeneratedBackwardFor_vlfuse") for o in registered_out)
+    for a, b in zip(out + grads, registered_out + registered_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,fn,args,diff", CASES, ids=[c[0] for c in CASES])
+def test_autocast_calls_are_recorded_by_the_registered_kernel(name, fn, args, diff, monkeypatch):
+    # patch_embed's autocast rule casts above autograd, as nn.Linear does: autograd records the casts and the
+    # bf16 GEMM, so the eager Function (which would sit above the casts) must step aside under autocast.
+    out, grads = _values_and_grads(fn, args, diff, autocast=True)
+    monkeypatch.setattr(_native, "_EAGER_AUTOGRAD", {})
+    registered_out, registered_grads = _values_and_grads(fn, args, diff, autocast=True)
+    for a, b in zip(out + grads, registered_out + registered_grads):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

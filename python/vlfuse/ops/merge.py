@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._native import call_op
+from .._native import call_op, register_autograd
 
 __all__ = ["merge2x2"]
 
@@ -102,4 +102,4 @@ def _merge2x2_backward(ctx, grad_out, grad_mean, grad_rstd):
     )
 
 
-torch.library.register_autograd("vlfuse::merge2x2", _merge2x2_backward, setup_context=_merge2x2_setup)
+register_autograd(torch.ops.vlfuse.merge2x2.default, _merge2x2_backward, _merge2x2_setup)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._native import call_op, require_native
+from .._native import call_op, register_autograd, require_native
 
 __all__ = ["patch_embed", "patchify", "embed_frames", "smart_resize", "CLIP_MEAN", "CLIP_STD"]
 
@@ -167,7 +167,7 @@ def _patch_embed_backward(ctx, grad_out):
     return grad_patches, grad_weight, grad_bias
 
 
-torch.library.register_autograd("vlfuse::patch_embed", _patch_embed_backward, setup_context=_patch_embed_setup)
+register_autograd(torch.ops.vlfuse.patch_embed.default, _patch_embed_backward, _patch_embed_setup)
 
 
 # ---- autocast ----------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._native import call_op, require_native
+from .._native import call_op, register_autograd, require_native
 
 __all__ = ["rope_qkv", "rope", "rope_", "rope_cos_sin", "vision_rope_freqs", "vision_positions"]
 
@@ -209,7 +209,7 @@ def _rope_qkv_backward(ctx, grad_q, grad_k, grad_v):
     return grad_qkv, None, grad_freqs, None, None
 
 
-torch.library.register_autograd("vlfuse::rope_qkv", _rope_qkv_backward, setup_context=_rope_qkv_setup)
+register_autograd(torch.ops.vlfuse.rope_qkv.default, _rope_qkv_backward, _rope_qkv_setup)
 
 
 def _rope_qkv_backward_setup(ctx, inputs, output):
@@ -231,9 +231,7 @@ def _rope_qkv_double_backward(ctx, grad_grad_qkv):
     return gq, gk, gv, None, None, None
 
 
-torch.library.register_autograd(
-    "vlfuse::rope_qkv_backward", _rope_qkv_double_backward, setup_context=_rope_qkv_backward_setup
-)
+register_autograd(torch.ops.vlfuse.rope_qkv_backward.default, _rope_qkv_double_backward, _rope_qkv_backward_setup)
 
 
 def _rope_setup(ctx, inputs, output):
@@ -266,7 +264,7 @@ def _rope_backward(ctx, grad_q, grad_k):
     return gq, gk, None, grad_freqs, None
 
 
-torch.library.register_autograd("vlfuse::rope", _rope_backward, setup_context=_rope_setup)
+register_autograd(torch.ops.vlfuse.rope.default, _rope_backward, _rope_setup)
 
 
 def _rope_cos_sin_setup(ctx, inputs, output):
@@ -302,6 +300,4 @@ def _rope_cos_sin_backward(ctx, grad_q, grad_k):
     return gq, gk, grad_cos, grad_sin, None
 
 
-torch.library.register_autograd(
-    "vlfuse::rope_cos_sin", _rope_cos_sin_backward, setup_context=_rope_cos_sin_setup
-)
+register_autograd(torch.ops.vlfuse.rope_cos_sin.default, _rope_cos_sin_backward, _rope_cos_sin_setup)
