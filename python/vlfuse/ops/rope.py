@@ -231,7 +231,9 @@ def _rope_qkv_double_backward(ctx, grad_grad_qkv):
     return gq, gk, gv, None, None, None
 
 
-register_autograd(torch.ops.vlfuse.rope_qkv_backward.default, _rope_qkv_double_backward, _rope_qkv_backward_setup)
+register_autograd(
+    torch.ops.vlfuse.rope_qkv_backward.default, _rope_qkv_double_backward, _rope_qkv_backward_setup
+)
 
 
 def _rope_setup(ctx, inputs, output):
