@@ -19,17 +19,31 @@ def test_cpu_kernels_are_built_with_openmp_like_torch():
     assert vlfuse.build_info()["cpu_openmp"] is True
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("merge_size", [2, 3])
+def test_results_do_not_depend_on_the_thread_count(merge_size):
+    # The backward's weight and bias gradients sum per-chunk partial sums over a fixed split of the rows, and
+    # its second pass takes tokens in fixed groups that may span rows (m = 3: 9 tokens a row): neither may follow
+    # the threads.
     torch.manual_seed(0)
-    x = torch.randn(4 * 300, 96)
-    grid = torch.tensor([[3, 20, 20]])
+    side = 20 if merge_size == 2 else 21
+    x = torch.randn(3 * side * side, 96)
+    grid = torch.tensor([[3, side, side]])
     weight, bias = torch.randn(96), torch.randn(96)
+    grad = torch.randn(x.shape[0] // merge_size**2, merge_size**2 * 96)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
+        out = merge2x2(leaves[0], grid, leaves[1], leaves[2], merge_size=merge_size)
+        out.backward(grad)
+        return [out.detach()] + [t.grad for t in leaves]
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = merge2x2(x, grid, weight, bias)
+        one = run()
         torch.set_num_threads(max(2, threads))
-        many = merge2x2(x, grid, weight, bias)
+        many = run()
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(many, one, rtol=0, atol=0)
+    for a, b in zip(many, one):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

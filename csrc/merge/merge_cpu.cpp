@@ -1,11 +1,11 @@
 // CPU norm + m x m merge kernels. Compiled once per ISA (see CMakeLists.txt). Forward: parallel over output
 // rows; each of a row's m^2 source tokens is read from memory once, in one statistics pass (shifted sums, see
 // Row::stats), and its normalized values are written straight into the merged row by a second pass over the
-// token while it sits in L1. Backward: the same walk, two passes per token (the two row sums of the input
-// gradient, then the gradient itself), with per-chunk weight/bias partial sums reduced in a fixed order at the
-// end. Both prefetch the next token during a token's last pass, so its first pass does not wait on memory, and
-// write with streaming stores when the call moves more than the last-level cache holds
-// (cpu::prefer_streaming_stores).
+// token while it sits in L1. Backward: the same walk, a first pass per token for the two row sums of the input
+// gradient, then one pass over a group of tokens (kGradGroup) that writes their gradients and adds to per-chunk
+// weight/bias partial sums, reduced in a fixed order at the end. Both prefetch the tokens read next during the
+// last pass over the current ones, so a first pass does not wait on memory, and write with streaming stores
+// when the call moves more than the last-level cache holds (cpu::prefer_streaming_stores).
 //
 // The row passes keep their accumulators in registers: every loop below is over whole blocks with a
 // compile-time width (Full) and compile-time accumulator indices, and only the last, shorter block of a row
@@ -231,65 +231,110 @@ struct Row {
     });
   }
 
-  // Backward of one token x [C] given its output gradient dy [C]: writes dx [C] (when not null) and adds
-  // dy * xhat and dy to the partial sums pw and pb [C] (when not null; all in block order). mean is 0 for
-  // RMSNorm. Prefetches the token read next (next_x, next_dy).
-  static inline void backward_token(const scalar_t* x, const scalar_t* dy, scalar_t* dx, const acc_t* weight,
-                                    acc_t mean, acc_t rstd, int64_t C, Norm norm, acc_t* pw, acc_t* pb,
-                                    const scalar_t* next_x, const scalar_t* next_dy, bool stream) {
-    const fVec mv(mean), rv(rstd);
-    fVec mean_g(acc_t(0)), mean_gx(acc_t(0));
-    if (dx != nullptr) {
-      fVec sg[kAcc], sgx[kAcc];
-      zero(sg);
-      zero(sgx);
-      for_blocks(C, [&](int64_t i, auto n, auto slot) {
-        fVec v[kParts], dv[kParts], wv[kParts];
-        load(x + i, n, v);
-        load(dy + i, n, dv);
-        load_table(weight + i, n, wv);
-        for (int j = 0; j < kParts; ++j) {
-          // dy and w are zero past n, so g and g * xhat are too.
-          const fVec g = dv[j] * wv[j];
-          sg[slot * kParts + j] += g;
-          sgx[slot * kParts + j] = at::vec::fmadd(g, (v[j] - mv) * rv, sgx[slot * kParts + j]);
-        }
-      });
-      const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-      mean_g = fVec(norm == Norm::LayerNorm ? reduce(sg) * inv_c : acc_t(0));
-      mean_gx = fVec(reduce(sgx) * inv_c);
-    }
-    for_blocks(C, [&](int64_t i, auto n, auto) {
-      cpu::prefetch(next_x + i);
-      cpu::prefetch(next_dy + i);
-      fVec v[kParts], dv[kParts], wv[kParts], dxv[kParts];
-      load(x + i, n, v);
-      load(dy + i, n, dv);
+  // One token of a backward walk: its input, output gradient and input gradient (null when not wanted), its
+  // forward statistics (mean 0 for RMSNorm), and the row means of the input gradient's two sums, set by
+  // grad_sums.
+  struct GradToken {
+    const scalar_t* x;
+    const scalar_t* dy;
+    scalar_t* dx;
+    acc_t mean, rstd;
+    acc_t mean_g = 0, mean_gx = 0;
+  };
+
+  // First backward pass over a token, from memory: mean_g = sum(g) / C and mean_gx = sum(g * xhat) / C with
+  // g = dy * w (rstd is factored out of the second sum).
+  static inline void grad_sums(GradToken& t, const acc_t* weight, int64_t C, Norm norm) {
+    const fVec mv(t.mean);
+    fVec sg[kAcc], sgx[kAcc];
+    zero(sg);
+    zero(sgx);
+    for_blocks(C, [&](int64_t i, auto n, auto slot) {
+      fVec v[kParts], dv[kParts], wv[kParts];
+      load(t.x + i, n, v);
+      load(t.dy + i, n, dv);
       load_table(weight + i, n, wv);
       for (int j = 0; j < kParts; ++j) {
-        const fVec xhat = (v[j] - mv) * rv;
-        dxv[j] = merge::norm_grad_input<fVec>(dv[j] * wv[j], xhat, rv, mean_g, mean_gx);
+        // dy and w are zero past n, so g and g * (x - mean) are too.
+        const fVec g = dv[j] * wv[j];
+        sg[slot * kParts + j] += g;
+        sgx[slot * kParts + j] = at::vec::fmadd(g, v[j] - mv, sgx[slot * kParts + j]);
+      }
+    });
+    const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+    t.mean_g = norm == Norm::LayerNorm ? reduce(sg) * inv_c : acc_t(0);
+    t.mean_gx = reduce(sgx) * t.rstd * inv_c;
+  }
+
+  // Second backward pass over G tokens together, from L1 (grad_sums has just read them): writes each dx and
+  // adds dy * xhat and dy to the partial sums pw and pb [C] (when not null; all in block order). Going over G
+  // tokens per block loads the weight and loads and stores the partial sums once per G tokens: once per token,
+  // they were over a third of this pass's instructions. Prefetches the G tokens read next (next), so that their
+  // grad_sums do not wait on memory and memory is kept busy while this pass runs from L1.
+  template <int G>
+  static inline void grad_pass(const GradToken* tokens, const GradToken* next, const acc_t* weight, int64_t C,
+                               acc_t* pw, acc_t* pb, bool stream) {
+    // By value: the stores below may alias any memory, so fields read through `tokens` would be reloaded.
+    const scalar_t* xs[G];
+    const scalar_t* dys[G];
+    scalar_t* dxs[G];
+    const scalar_t* next_xs[G];
+    const scalar_t* next_dys[G];
+    fVec mv[G], rv[G], mg[G], mgx[G];
+    for (int k = 0; k < G; ++k) {
+      next_xs[k] = next[k].x;
+      next_dys[k] = next[k].dy;
+      xs[k] = tokens[k].x;
+      dys[k] = tokens[k].dy;
+      dxs[k] = tokens[k].dx;
+      mv[k] = fVec(tokens[k].mean);
+      rv[k] = fVec(tokens[k].rstd);
+      mg[k] = fVec(tokens[k].mean_g);
+      mgx[k] = fVec(tokens[k].mean_gx);
+    }
+    const bool want_dx = dxs[0] != nullptr;
+    for_blocks(C, [&](int64_t i, auto n, auto) {
+      fVec wv[kParts], sw[kParts], sb[kParts];
+      load_table(weight + i, n, wv);
+      for (int j = 0; j < kParts; ++j) {
+        sw[j] = fVec(acc_t(0));
+        sb[j] = fVec(acc_t(0));
+      }
+      for (int k = 0; k < G; ++k) {
+        cpu::prefetch(next_xs[k] + i);
+        cpu::prefetch(next_dys[k] + i);
+        fVec v[kParts], dv[kParts], dxv[kParts];
+        load(xs[k] + i, n, v);
+        load(dys[k] + i, n, dv);
+        for (int j = 0; j < kParts; ++j) {
+          const fVec xhat = (v[j] - mv[k]) * rv[k];
+          dxv[j] = merge::norm_grad_input<fVec>(dv[j] * wv[j], xhat, rv[k], mg[k], mgx[k]);
+          sw[j] = at::vec::fmadd(dv[j], xhat, sw[j]);
+          sb[j] += dv[j];
+        }
+        if (want_dx) {
+          store(dxs[k] + i, n, dxv, stream);
+        }
+      }
+      for (int j = 0; j < kParts; ++j) {
         const int64_t off = i + j * W;
         if constexpr (std::is_same_v<decltype(n), Full>) {
           if (pw != nullptr) {
-            at::vec::fmadd(dv[j], xhat, fVec::loadu(pw + off)).store(pw + off);
+            (fVec::loadu(pw + off) + sw[j]).store(pw + off);
           }
           if (pb != nullptr) {
-            (fVec::loadu(pb + off) + dv[j]).store(pb + off);
+            (fVec::loadu(pb + off) + sb[j]).store(pb + off);
           }
         } else {
-          // The last, shorter block: only its valid lanes of the partial sums exist.
+          // The last, shorter block: only its valid lanes of the partial sums exist (dy is zero past them).
           const int64_t valid = std::min<int64_t>(W, n - j * W);
           if (valid > 0 && pw != nullptr) {
-            at::vec::fmadd(dv[j], xhat, fVec::loadu(pw + off, valid)).store(pw + off, valid);
+            (fVec::loadu(pw + off, valid) + sw[j]).store(pw + off, valid);
           }
           if (valid > 0 && pb != nullptr) {
-            (fVec::loadu(pb + off, valid) + dv[j]).store(pb + off, valid);
+            (fVec::loadu(pb + off, valid) + sb[j]).store(pb + off, valid);
           }
         }
-      }
-      if (dx != nullptr) {
-        store(dx + i, n, dxv, stream);
       }
     });
   }
@@ -345,6 +390,9 @@ void forward_impl(const Params& p) {
   });
 }
 
+// Tokens per second backward pass (Row::grad_pass): their x and dy stay in L1 between the passes.
+constexpr int kGradGroup = 4;
+
 template <typename scalar_t>
 void backward_impl(const Params& p) {
   using R = Row<scalar_t>;
@@ -370,6 +418,14 @@ void backward_impl(const Params& p) {
   const bool stream =
       grad_x != nullptr && cpu::prefer_streaming_stores(3 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)));
 
+  using GradToken = typename R::GradToken;
+  const auto grad_token = [&](int64_t q) {
+    const int64_t r = q / mm, k = q % mm, tok = token_at(p, r, k);
+    return GradToken{x + tok * p.x_stride, grad_out + r * p.grad_out_stride + k * C,
+                     grad_x != nullptr ? grad_x + tok * C : nullptr, mean_in != nullptr ? mean_in[tok] : acc_t(0),
+                     rstd_in[tok]};
+  };
+
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* pw = partial ? partial.get() + chunk * 2 * C : nullptr;
@@ -377,19 +433,27 @@ void backward_impl(const Params& p) {
       if (pw != nullptr) {
         std::fill(pw, pw + 2 * C, acc_t(0));
       }
-      const int64_t r_end = std::min(rows, (chunk + 1) * rows_per_chunk);
-      for (int64_t r = chunk * rows_per_chunk; r < r_end; ++r) {
-        for (int64_t k = 0; k < mm; ++k) {
-          const int64_t tok = token_at(p, r, k);
-          const scalar_t* xr = x + tok * p.x_stride;
-          const auto [next_r, next_k] = next_slot(p, r, k);
-          R::backward_token(xr, grad_out + r * p.grad_out_stride + k * C,
-                            grad_x != nullptr ? grad_x + tok * C : nullptr, weight,
-                            mean_in != nullptr ? mean_in[tok] : acc_t(0), rstd_in[tok], C, p.norm,
-                            want_w ? pw : nullptr, want_b ? pb : nullptr,
-                            x + token_at(p, next_r, next_k) * p.x_stride,
-                            grad_out + next_r * p.grad_out_stride + next_k * C, stream);
+      // The chunk's walk positions q = r * m^2 + k, in groups of kGradGroup (then single tokens) per second pass.
+      const int64_t q_end = std::min(rows, (chunk + 1) * rows_per_chunk) * mm;
+      int64_t q = chunk * rows_per_chunk * mm;
+      const auto run_group = [&](auto group_size) {
+        constexpr int G = decltype(group_size)::value;
+        GradToken group[G], next[G];
+        for (int g = 0; g < G; ++g) {
+          group[g] = grad_token(q + g);
+          next[g] = grad_token(std::min(q + G + g, p.tokens - 1));
+          if (grad_x != nullptr) {
+            R::grad_sums(group[g], weight, C, p.norm);
+          }
         }
+        R::template grad_pass<G>(group, next, weight, C, want_w ? pw : nullptr, want_b ? pb : nullptr, stream);
+        q += G;
+      };
+      while (q + kGradGroup <= q_end) {
+        run_group(std::integral_constant<int, kGradGroup>{});
+      }
+      while (q < q_end) {
+        run_group(std::integral_constant<int, 1>{});
       }
     }
     if (stream) {
