@@ -255,3 +255,33 @@ def test_cpu_slug_names_the_core_generation_and_the_build():
         assert machine.machine_info(torch.device("cpu"), measure_limits=False, quick=True)["cpu_family"] == (
             signature["cpu_family"]
         )
+
+
+@pytest.mark.parametrize("compiled_error, timed", [(0.0, True), (0.05, False)])
+def test_compiled_baseline_off_eager_is_judged_by_the_float64_run(monkeypatch, compiled_error, timed):
+    """A compiled baseline that disagrees with an inexact eager is timed when it is as close to HF's code in
+    float64 as eager is, and left out when it is further."""
+
+    def build(case, device):
+        setup = build_rope_qkv(case, device)
+        exact = setup.eager
+
+        def inexact_eager(qkv):
+            q, k, v = exact(qkv)
+            return q, k, v * 1.01
+
+        return dataclasses.replace(setup, eager=inexact_eager, reference=exact)
+
+    exact = build_rope_qkv(Case("rope_qkv", "tiny", torch.float32, FWD, build_rope_qkv, TINY_GRID), "cpu").eager
+
+    def compiled(qkv):
+        q, k, v = exact(qkv)
+        return q, k, v * (1 + compiled_error)
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled)
+    case = Case("rope_qkv", "tiny", torch.float32, FWD, build, TINY_GRID)
+    record = runner.run_suite([case], _options(compile=True))["results"][0]
+    assert record["check"] == "ok"
+    assert (record["speedup_compile"] is not None) == timed
+    assert any(note.endswith("timed" if timed else "not timed") and "in float64 it is off by" in note
+               for note in record["notes"])
