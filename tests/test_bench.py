@@ -49,6 +49,22 @@ def _wrong_rope(case, device):
     return dataclasses.replace(setup, vlfuse=wrong)
 
 
+def _scaled_v(fn, scale):
+    """fn with its v output scaled: off the exact result by a known relative error."""
+
+    def scaled(qkv):
+        q, k, v = fn(qkv)
+        return q, k, v * scale
+
+    return scaled
+
+
+def _inexact_eager(case, device):
+    """rope_qkv whose HF eager baseline is off by 1% (v scaled), with HF's exact code as the float64 reference."""
+    setup = build_rope_qkv(case, device)
+    return dataclasses.replace(setup, eager=_scaled_v(setup.eager, 1.01), reference=setup.eager)
+
+
 def _unavailable(case, device):
     raise Unavailable("vlfuse.not_an_op is not in this build")
 
@@ -224,18 +240,7 @@ def test_tower_breakdown_parts_add_up():
 
 def test_inexact_baseline_is_judged_by_its_float64_run():
     """When HF eager itself is off (here: made off on purpose), vlfuse passes if it matches HF's code in float64."""
-
-    def build(case, device):
-        setup = build_rope_qkv(case, device)
-        exact = setup.eager
-
-        def inexact_eager(qkv):
-            q, k, v = exact(qkv)
-            return q, k, v * 1.01
-
-        return dataclasses.replace(setup, eager=inexact_eager, reference=exact)
-
-    case = Case("rope_qkv", "tiny", torch.float32, FWD, build, TINY_GRID)
+    case = Case("rope_qkv", "tiny", torch.float32, FWD, _inexact_eager, TINY_GRID)
     record = runner.run_suite([case], _options())["results"][0]
     assert record["check"] == "ok" and record["max_err"] <= record["tol"]
     assert any("HF eager by" in note for note in record["notes"])
@@ -260,26 +265,10 @@ def test_cpu_slug_names_the_core_generation_and_the_build():
 @pytest.mark.parametrize("compiled_error, timed", [(0.0, True), (0.05, False)])
 def test_compiled_baseline_off_eager_is_judged_by_the_float64_run(monkeypatch, compiled_error, timed):
     """A compiled baseline that disagrees with an inexact eager is timed when it is as close to HF's code in
-    float64 as eager is, and left out when it is further."""
-
-    def build(case, device):
-        setup = build_rope_qkv(case, device)
-        exact = setup.eager
-
-        def inexact_eager(qkv):
-            q, k, v = exact(qkv)
-            return q, k, v * 1.01
-
-        return dataclasses.replace(setup, eager=inexact_eager, reference=exact)
-
-    exact = build_rope_qkv(Case("rope_qkv", "tiny", torch.float32, FWD, build_rope_qkv, TINY_GRID), "cpu").eager
-
-    def compiled(qkv):
-        q, k, v = exact(qkv)
-        return q, k, v * (1 + compiled_error)
-
+    float64 as eager is (off by 1%), and left out when it is further."""
+    case = Case("rope_qkv", "tiny", torch.float32, FWD, _inexact_eager, TINY_GRID)
+    compiled = _scaled_v(build_rope_qkv(case, "cpu").eager, 1 + compiled_error)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled)
-    case = Case("rope_qkv", "tiny", torch.float32, FWD, build, TINY_GRID)
     record = runner.run_suite([case], _options(compile=True))["results"][0]
     assert record["check"] == "ok"
     assert (record["speedup_compile"] is not None) == timed
