@@ -266,11 +266,11 @@ struct Row {
     t.mean_gx = reduce(sgx) * t.rstd * inv_c;
   }
 
-  // Second backward pass over G tokens together, from L1 (grad_sums has just read them): writes each dx and
+  // Second backward pass over G tokens together, from cache (grad_sums has just read them): writes each dx and
   // adds dy * xhat and dy to the partial sums pw and pb [C] (when not null; all in block order). Going over G
   // tokens per block loads the weight and loads and stores the partial sums once per G tokens: once per token,
   // they were over a third of this pass's instructions. Prefetches the G tokens read next (next), so that their
-  // grad_sums do not wait on memory and memory is kept busy while this pass runs from L1.
+  // grad_sums do not wait on memory and memory is kept busy while this pass runs from cache.
   template <int G>
   static inline void grad_pass(const GradToken* tokens, const GradToken* next, const acc_t* weight, int64_t C,
                                acc_t* pw, acc_t* pb, bool stream) {
@@ -390,7 +390,8 @@ void forward_impl(const Params& p) {
   });
 }
 
-// Tokens per second backward pass (Row::grad_pass): their x and dy stay in L1 between the passes.
+// Tokens per second backward pass (Row::grad_pass): 4 tokens' x and dy (20 KB in bf16, 40 KB in fp32 at
+// C = 1280) are still in L1/L2 when it rereads them.
 constexpr int kGradGroup = 4;
 
 template <typename scalar_t>
