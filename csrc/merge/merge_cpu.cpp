@@ -5,7 +5,7 @@
 // gradient, then one pass over a group of tokens (kGradGroup) that writes their gradients and adds to per-chunk
 // weight/bias partial sums, reduced in a fixed order at the end. Both prefetch the tokens read next during the
 // last pass over the current ones, so a first pass does not wait on memory, and write with streaming stores
-// when the call moves more than the last-level cache holds (cpu::prefer_streaming_stores).
+// when the call's data outgrows the caches it can count on (cpu::prefer_streaming_stores).
 //
 // The row passes keep their accumulators in registers: every loop below is over whole blocks with a
 // compile-time width (Full) and compile-time accumulator indices, and only the last, shorter block of a row
@@ -366,7 +366,9 @@ void forward_impl(const Params& p) {
   const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, weight_storage);
   const acc_t* bias = R::block_order(static_cast<const acc_t*>(p.bias), C, bias_storage);
   const int64_t grain = std::max<int64_t>(1, 32768 / (mm * C));
-  const bool stream = cpu::prefer_streaming_stores(2 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)));
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain);
+  const bool stream =
+      cpu::prefer_streaming_stores(2 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)), threads);
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -416,8 +418,9 @@ void backward_impl(const Params& p) {
   // Each chunk's [2, C] partial sums (weight, bias; in block order) are zeroed by the thread that fills them.
   std::unique_ptr<acc_t[]> partial(want_w || want_b ? new acc_t[chunks * 2 * C] : nullptr);
   // x and grad_out read, grad_x written.
-  const bool stream =
-      grad_x != nullptr && cpu::prefer_streaming_stores(3 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)));
+  const bool stream = grad_x != nullptr &&
+                      cpu::prefer_streaming_stores(3 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)),
+                                                   std::min<int64_t>(at::get_num_threads(), chunks));
 
   using GradToken = typename R::GradToken;
   const auto grad_token = [&](int64_t q) {
