@@ -205,6 +205,24 @@ def test_backward_frozen_input_and_partial_grads(device):
     assert xl.grad is not None and xl.grad.shape == x.shape
 
 
+@pytest.mark.parametrize("recorded_by", ["eager_function", "torch_ops"])
+def test_statistics_outputs_are_not_differentiable(recorded_by):
+    """The op's mean and rstd outputs exist for its backward: neither recording path lets a loss reach them."""
+    from vlfuse._native import call_op
+
+    grid = make_grid(BLOCK_GRIDS["two_images"], 2)
+    x, weight, bias = make_inputs(grid, torch.float32, "cpu")
+    leaf = x.detach().requires_grad_()
+    args = (leaf, grid, weight, bias, 1e-6, "layernorm", "merge", 2)
+    op = torch.ops.vlfuse.merge2x2.default
+    out, mean, rstd = call_op(op, *args) if recorded_by == "eager_function" else op(*args)
+    assert out.requires_grad and not mean.requires_grad and not rstd.requires_grad
+    out.sum().backward()
+    exact = x.detach().double().requires_grad_()
+    ref.merge2x2(exact, grid, weight.double(), bias.double()).sum().backward()
+    torch.testing.assert_close(leaf.grad, exact.grad.float(), **tol(torch.float32, scale=16))
+
+
 @pytest.mark.parametrize("device", devices())
 def test_non_contiguous_inner_stride_int32_grid_and_no_grid(device):
     grid = make_grid(BLOCK_GRIDS["two_images"], 2).to(torch.int32)

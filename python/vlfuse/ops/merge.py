@@ -79,6 +79,10 @@ def _merge2x2_setup(ctx, inputs, output):
     _, mean, rstd = output
     ctx.config = (norm, order, merge_size)
     ctx.has_bias = bias is not None
+    # The statistics are outputs only for the backward to reuse: marked so, and with gradients left None rather
+    # than materialized, autograd neither tracks them nor builds two zero tensors for them in every backward.
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, grid_thw, weight, mean, rstd)
 
 
