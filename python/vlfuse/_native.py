@@ -27,30 +27,52 @@ def require_native() -> None:
         raise RuntimeError(f"vlfuse: the native library is not loaded ({NATIVE_ERROR}); rebuild vlfuse")
 
 
-# op -> (the autograd.Function that call_op records it with in eager mode, see register_autograd; the schema's
-# default values, which fill in trailing arguments a call leaves out, as the dispatcher does)
-_EAGER_AUTOGRAD: dict[torch._ops.OpOverload, tuple[type[torch.autograd.Function], list]] = {}
+# op -> (the autograd.Function that call_op records it with in eager mode, the one it records it with under
+# torch.func transforms, see register_autograd; the schema's default values, which fill in trailing arguments a
+# call leaves out, as the dispatcher does)
+_Function = type[torch.autograd.Function]
+_EAGER_AUTOGRAD: dict[torch._ops.OpOverload, tuple[_Function, _Function, list]] = {}
 
 
 def register_autograd(op: torch._ops.OpOverload, backward: Callable, setup_context: Callable) -> None:
     """Registers an op's backward with torch.library.register_autograd (what torch.ops callers, torch.compile and
-    opcheck go through) and builds from the same two functions the autograd.Function that call_op records eager
+    opcheck go through) and builds from the same two functions the autograd.Functions that call_op records eager
     calls with. torch's generated Function re-dispatches in Python and rebuilds the argument list from the schema
-    on every call: ~60 us per recorded call on a 2-core Xeon VM, a fifth of a 1024-token merge2x2 forward."""
+    on every call: ~60 us per recorded call on a 2-core Xeon VM, a fifth of a 1024-token merge2x2 forward.
+
+    Two Functions: a one-piece forward (ctx first) for plain eager calls, and for calls under torch.func
+    transforms (grad, vjp, jacrev, vmap of those), which accept only a forward without ctx plus a separate
+    setup_context, the same pieces in that form; it also lets vmap batch forward and backward by running them
+    per sample (generate_vmap_rule), as it runs the ops themselves. The first form skips the binding of
+    arguments to forward's signature that torch does on every call of the second."""
     torch.library.register_autograd(op._name, backward, setup_context=setup_context)
 
-    def forward(ctx, *args):
+    def forward_below_autograd(*args):
         with torch._C._AutoDispatchBelowAutograd():
-            output = op(*args)
+            return op(*args)
+
+    def forward(ctx, *args):
+        output = forward_below_autograd(*args)
         setup_context(ctx, args, output)
         return output
 
+    name = f"{op._namespace}_{op._opname}_Function"
     function = type(
-        f"{op._namespace}_{op._opname}_Function",
+        name,
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(backward)},
     )
-    _EAGER_AUTOGRAD[op] = (function, [argument.default_value for argument in op._schema.arguments])
+    transformable = type(
+        f"{name}_Transformable",
+        (torch.autograd.Function,),
+        {
+            "forward": staticmethod(forward_below_autograd),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            "generate_vmap_rule": True,
+        },
+    )
+    _EAGER_AUTOGRAD[op] = (function, transformable, [argument.default_value for argument in op._schema.arguments])
 
 
 def call_op(op: torch._ops.OpOverload, *args):
@@ -68,7 +90,9 @@ def call_op(op: torch._ops.OpOverload, *args):
         recorded = _EAGER_AUTOGRAD.get(op)
         if recorded is None or torch._C._is_any_autocast_enabled():
             return op(*args)
-        function, defaults = recorded
+        function, transformable, defaults = recorded
+        if torch._C._are_functorch_transforms_active():
+            function = transformable
         return function.apply(*args, *defaults[len(args) :])
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
