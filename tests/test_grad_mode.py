@@ -77,9 +77,13 @@ def _values_and_grads(fn, args, diff, autocast=False):
     leaves = [a.detach().clone().requires_grad_(i in diff) for i, a in enumerate(args)]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = _outputs(fn(*leaves))
-    torch.manual_seed(1)
-    torch.autograd.backward(out, [torch.randn_like(o) for o in out])  # outside autocast, as in training
+    torch.autograd.backward(out, _cotangents(out))  # outside autocast, as in training
     return out, [leaves[i].grad for i in diff]
+
+
+def _cotangents(outputs):
+    torch.manual_seed(1)
+    return [torch.randn_like(o) for o in outputs]
 
 
 @pytest.mark.parametrize("name,fn,args,diff", CASES, ids=[c[0] for c in CASES])
@@ -106,29 +110,18 @@ def test_autocast_calls_are_recorded_by_the_registered_kernel(name, fn, args, di
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def _cotangents(fn, args):
-    torch.manual_seed(2)
-    return [torch.randn_like(o) for o in _outputs(fn(*args))]
-
-
 def _loss(fn, cotangents):
     # A scalar whose gradient is the vector-Jacobian product of fn with the fixed cotangents.
     return lambda *a: sum((o * g).sum() for o, g in zip(_outputs(fn(*a)), cotangents))
-
-
-def _autograd_grads(fn, args, diff, cotangents):
-    leaves = [a.detach().clone().requires_grad_(i in diff) for i, a in enumerate(args)]
-    torch.autograd.backward(_outputs(fn(*leaves)), cotangents)
-    return [leaves[i].grad for i in diff]
 
 
 @pytest.mark.parametrize("name,fn,args,diff", CASES, ids=[c[0] for c in CASES])
 def test_torch_func_grad_matches_autograd(name, fn, args, diff):
     # torch.func transforms accept only autograd.Functions with a separate setup_context; call_op switches to
     # that form under them (the plain eager Function raises there).
-    cotangents = _cotangents(fn, args)
+    cotangents = _cotangents(_outputs(fn(*args)))
     grads = torch.func.grad(_loss(fn, cotangents), argnums=tuple(diff))(*args)
-    for got, want in zip(grads, _autograd_grads(fn, args, diff, cotangents)):
+    for got, want in zip(grads, _values_and_grads(fn, args, diff)[1]):
         torch.testing.assert_close(got, want)
 
 
@@ -137,12 +130,12 @@ def test_torch_func_grad_matches_autograd(name, fn, args, diff):
 def test_torch_func_vmap_of_grad_gives_per_sample_gradients(name, fn, args, diff):
     torch.manual_seed(3)
     batch = [torch.stack([a, a + 0.25 * torch.randn_like(a)]) if i == diff[0] else a for i, a in enumerate(args)]
-    cotangents = _cotangents(fn, args)
+    cotangents = _cotangents(_outputs(fn(*args)))
     in_dims = tuple(0 if i == diff[0] else None for i in range(len(args)))
     per_sample = torch.func.vmap(torch.func.grad(_loss(fn, cotangents), argnums=diff[0]), in_dims=in_dims)(*batch)
     for s in range(2):
         sample = [batch[i][s] if i == diff[0] else a for i, a in enumerate(args)]
-        torch.testing.assert_close(per_sample[s], _autograd_grads(fn, sample, diff[:1], cotangents)[0])
+        torch.testing.assert_close(per_sample[s], _values_and_grads(fn, sample, diff[:1])[1][0])
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
