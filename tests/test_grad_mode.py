@@ -3,7 +3,8 @@ layer (vlfuse._native.call_op), and must give the same values as the recorded ca
 require grad; with a differentiable argument that requires grad it is recorded, in eager mode by the op's own
 autograd.Function (vlfuse._native.register_autograd), which must agree bit for bit with the autograd kernel
 torch.library.register_autograd registers (what torch.ops callers get). Under torch.func transforms the call
-is recorded by the same pieces in the form those accept, and must give autograd's gradients."""
+is recorded by the same pieces in the form those accept, and must give autograd's gradients; forward mode,
+which the ops do not implement, must raise rather than drop the tangents."""
 
 import contextlib
 
@@ -145,3 +146,35 @@ def test_torch_func_jacrev_matches_autograd_jacobian():
     jac = torch.func.jacrev(lambda w: fn(x, grid, w, bias))(weight)
     assert jac.shape == (1, 4 * C, C)
     torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda w: fn(x, grid, w, bias), weight))
+
+
+@pytest.mark.parametrize("name,fn,args,diff", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("mode", ["torch.func.jvp", "torch.func.jacfwd", "forward_ad"])
+def test_forward_mode_raises_instead_of_dropping_tangents(name, fn, args, diff, mode):
+    # Below autograd the tangents would be lost and the output's tangent left zero (torch.func) or None.
+    i = diff[0]
+
+    def of_one(a):
+        return fn(*args[:i], a, *args[i + 1 :])
+
+    with pytest.raises(RuntimeError, match=f"vlfuse::{name} has no forward-mode derivative"):
+        if mode == "torch.func.jvp":
+            torch.func.jvp(of_one, (args[i],), (torch.ones_like(args[i]),))
+        elif mode == "torch.func.jacfwd":
+            torch.func.jacfwd(of_one)(args[i])
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                of_one(torch.autograd.forward_ad.make_dual(args[i], torch.ones_like(args[i])))
+
+
+@pytest.mark.parametrize("name,fn,args,diff", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_torch_func_vmap_matches_a_loop(name, fn, args, diff):
+    torch.manual_seed(4)
+    i = diff[0]
+    batch = torch.stack([args[i], torch.randn_like(args[i])])
+    in_dims = tuple(0 if j == i else None for j in range(len(args)))
+    batched = _outputs(torch.func.vmap(fn, in_dims=in_dims)(*args[:i], batch, *args[i + 1 :]))
+    for s in range(2):
+        for got, want in zip(batched, _outputs(fn(*args[:i], batch[s], *args[i + 1 :]))):
+            torch.testing.assert_close(got[s], want, rtol=0, atol=0)

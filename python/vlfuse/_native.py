@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 NATIVE_ERROR: str | None = None
 try:
@@ -47,6 +48,12 @@ def register_autograd(op: torch._ops.OpOverload, backward: Callable, setup_conte
     arguments to forward's signature that torch does on every call of the second."""
     torch.library.register_autograd(op._name, backward, setup_context=setup_context)
 
+    def jvp(ctx, *tangents):
+        raise RuntimeError(
+            f"vlfuse: {op._namespace}::{op._opname} has no forward-mode derivative (torch.func.jvp / jacfwd, "
+            "torch.autograd.forward_ad); use reverse mode (backward, torch.func.grad / vjp / jacrev)"
+        )
+
     def forward_below_autograd(*args):
         with torch._C._AutoDispatchBelowAutograd():
             return op(*args)
@@ -60,7 +67,7 @@ def register_autograd(op: torch._ops.OpOverload, backward: Callable, setup_conte
     function = type(
         name,
         (torch.autograd.Function,),
-        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        {"forward": staticmethod(forward), "backward": staticmethod(backward), "jvp": staticmethod(jvp)},
     )
     transformable = type(
         f"{name}_Transformable",
@@ -69,6 +76,7 @@ def register_autograd(op: torch._ops.OpOverload, backward: Callable, setup_conte
             "forward": staticmethod(forward_below_autograd),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
             "generate_vmap_rule": True,
         },
     )
@@ -82,17 +90,20 @@ def call_op(op: torch._ops.OpOverload, *args):
     merge2x2 took 33 us through it and 16 us below it, on a 2-core Zen 4 VM). A call to record is recorded by
     the op's eager Function (register_autograd), except under autocast: the dispatcher runs an op's autocast
     rule before its Autograd kernel, so autograd records the casts, while the Function would record the uncast
-    call and cast inside it. Inside a torch.compile trace the op is called as it is, for the graph to record it."""
+    call and cast inside it. Inside a torch.compile trace the op is called as it is, for the graph to record it.
+    Under torch.func transforms, or with a forward-AD level open, the call goes through the Function too, even
+    with nothing to record: below autograd, forward-mode tangents would be dropped without a word, where the
+    Function's jvp says that the op has none."""
     require_native()
     if torch.compiler.is_compiling():
         return op(*args)
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+    transforms = torch._C._are_functorch_transforms_active()
+    record = torch.is_grad_enabled() and torch._C._any_requires_grad(*args)
+    if record or transforms or forward_ad._current_level >= 0:
         recorded = _EAGER_AUTOGRAD.get(op)
         if recorded is None or torch._C._is_any_autocast_enabled():
             return op(*args)
         function, transformable, defaults = recorded
-        if torch._C._are_functorch_transforms_active():
-            function = transformable
-        return function.apply(*args, *defaults[len(args) :])
+        return (transformable if transforms else function).apply(*args, *defaults[len(args) :])
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
