@@ -11,7 +11,7 @@ JOBS ?= $(shell nproc)
 export VLFUSE_CUDA
 export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
 
-.PHONY: all venv install inplace demo test test-hf4 test-cuda test-asan fuzz bench clean
+.PHONY: all venv install inplace demo test test-hf4 test-cuda test-asan fuzz bench gpu-check clean
 
 all: install
 
@@ -75,6 +75,14 @@ fuzz: install
 
 bench: install
 	$(PY) -m vlfuse bench
+
+# The GPU check in one command, with the python3 on PATH and no venv (a GPU machine may have no network):
+# builds in place for the present GPU only, then the CUDA tests, compute-sanitizer, Nsight Compute, the benchmark
+# and a CUDA-graph capture, each time-boxed (8 minutes in all). Writes gpu-check.json, gpu-check.log and the
+# benchmark's JSON into OUT. GPU_CHECK_ARGS=--dry-run runs it without a GPU (tests/test_gpu_check.py does).
+OUT ?= build/gpu-check-report
+gpu-check:
+	PYTHONPATH=python$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m vlfuse gpu-check --out $(OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build python/vlfuse/_C*.so dist *.egg-info

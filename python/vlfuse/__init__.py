@@ -14,7 +14,8 @@ from ._native import NATIVE_ERROR, native, require_native
 
 __version__ = "0.1.0"
 
-from . import ops  # noqa: E402  (ops register their fake kernels and autograd against the loaded library)
+if native is not None:  # ops register their fake kernels and autograd against the loaded library's schemas
+    from . import ops  # noqa: E402
 
 
 def build_info() -> dict:

@@ -16,6 +16,7 @@ COMMAND_MODULES = {
     "vlfuse.models.qwen2_vl.cli": ("generate",),
     "vlfuse.train.cli": ("train", "make-data", "import-vit", "demo"),
     "vlfuse.bench.cli": ("bench",),
+    "vlfuse.gpucheck.cli": ("gpu-check",),
 }
 
 
@@ -33,6 +34,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import vlfuse
+
     parser = argparse.ArgumentParser(prog="vlfuse", description="vlfuse: fused Qwen2-VL vision kernels and models")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="print how vlfuse was built (versions, CUDA archs, CPU ISA)")
@@ -45,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name is None or not (module + ".").startswith(exc.name + "."):  # a real import error: show it
                 raise
             continue  # a family not part of this build
+        except RuntimeError:
+            if vlfuse.native is not None:
+                raise
+            continue  # a family that needs the native library, not built yet (gpu-check builds it)
         family.add_parser(sub)
     return parser
 

@@ -126,7 +126,7 @@ def part_breakdown(module: nn.Module, call: Callable[[], object]) -> dict[str, f
 def build_vision_tower(case: Case, device: torch.device) -> Setup:
     hf = hf_qwen2_vl()
     qwen2_vl = _model_package()
-    depth = VISION.depth if device.type == "cuda" else CPU_DEPTH
+    depth = case.param("depth") or (VISION.depth if device.type == "cuda" else CPU_DEPTH)
     llm_width = LLM_WIDTH["2B"]
     grid = case.param("grid")
     count = tokens(grid)
@@ -170,8 +170,10 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
         tol_scale=4.0 * math.sqrt(depth),
         # inductor takes many minutes over the whole HF tower on a small CPU; a GPU run compiles it
         compile=device.type == "cuda",
-        note="" if depth == VISION.depth else f"vision tower: {depth} of {VISION.depth} blocks on the CPU (real width); "
-        "torch.compile of the HF tower is timed on GPU runs only",
+        note="; ".join(
+            [f"vision tower: {depth} of {VISION.depth} blocks (real width)"] * (depth != VISION.depth)
+            + ["torch.compile of the HF tower is timed on GPU runs only"] * (device.type != "cuda")
+        ),
         profile=profile if case.mode == FWD else None,
     )
 
