@@ -33,6 +33,10 @@ def _max_relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.float() - expected.float()).abs().max()) / scale
 
 
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:240]}"
+
+
 def capture(tower: VisionTransformer, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> dict:
     with torch.no_grad():
         expected = tower(pixel_values, grid_thw.cuda())
@@ -48,8 +52,7 @@ def capture(tower: VisionTransformer, pixel_values: torch.Tensor, grid_thw: torc
                 with torch.cuda.graph(graph):
                     out = tower(pixel_values, grid)
             except Exception as exc:  # not capturable: the reason is the result
-                reasons.append(f"grid on the {grid_on}: {type(exc).__name__}: {str(exc).splitlines()[0][:240]}")
-                torch.cuda.synchronize()
+                reasons.append(f"grid on the {grid_on}: {_describe(exc)}")
                 continue
             graph.replay()
             torch.cuda.synchronize()
@@ -80,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     pixel_values = torch.randn(int(grid_thw.prod(-1).sum()), config.patch_dim, device=args.device)
     result = {"depth": depth, "grid": grid, "dtype": "bfloat16"}
     if args.device == "cuda":
-        result.update(capture(tower, pixel_values, grid_thw))
+        try:
+            result.update(capture(tower, pixel_values, grid_thw))
+        except Exception as exc:  # a failed capture can leave the stream unusable: still a result, not a crash
+            result.update(captured=False, reason=_describe(exc))
     else:
         with torch.no_grad():
             out = tower(pixel_values, grid_thw)

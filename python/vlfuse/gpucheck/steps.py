@@ -282,6 +282,10 @@ def step_build(ctx: Context, record: dict) -> None:
         "-DVLFUSE_SANITIZE=OFF",
     ]
     env = ctx.env(CMAKE_BUILD_PARALLEL_LEVEL=str(ctx.jobs), **({"TORCH_CUDA_ARCH_LIST": arch} if arch else {}))
+    nvcc = ctx.facts.get("tools", {}).get("nvcc")
+    if nvcc and not any(env.get(k) for k in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")):
+        # CMakeLists.txt looks in CUDA_HOME, CUDA_PATH and /usr/local/cuda; a toolkit found only on PATH goes there
+        env["CUDA_HOME"] = str(Path(os.path.realpath(nvcc)).parents[1])
     done = ctx.call(record, configure, env=env)
     cuda_line = re.search(r"vlfuse: (building CUDA kernels .*|building CPU kernels only.*)", done.output)
     record["details"].update(arch=arch, build_dir=str(build_dir), cmake=cuda_line.group(1) if cuda_line else None)
@@ -597,9 +601,9 @@ STEPS = (
     Step("build", "in-place build for this GPU's arch", step_build, 240, 90, gate=True, needs_build=False),
     Step("pytest-cuda", "pytest -m cuda (parity vs CPU reference and HF)", step_pytest_cuda, 150, 90, gate=True),
     Step("exercise", "every op fwd+bwd on small odd shapes", step_exercise, 60, 60, gate=True),
-    Step("memcheck", "compute-sanitizer memcheck", _sanitizer_step("memcheck"), 120, 10, gate=True),
-    Step("racecheck", "compute-sanitizer racecheck", _sanitizer_step("racecheck"), 120, 10, gate=True),
-    Step("synccheck", "compute-sanitizer synccheck", _sanitizer_step("synccheck"), 90, 10, gate=True),
+    Step("memcheck", "compute-sanitizer memcheck", _sanitizer_step("memcheck"), 100, 10, gate=True),
+    Step("racecheck", "compute-sanitizer racecheck", _sanitizer_step("racecheck"), 100, 10, gate=True),
+    Step("synccheck", "compute-sanitizer synccheck", _sanitizer_step("synccheck"), 60, 10, gate=True),
     Step("bench-ops", "ops vs HF eager / torch.compile / copy or GEMM", _bench_step("ops"), 150, 90, gate=True),
     Step("bench-tower", "vision tower depth 8 bf16 vs HF", _bench_step("tower"), 90, 90, gate=True),
     Step("ncu", "Nsight Compute: DRAM and shared-memory banks", step_ncu, 90, 60),
