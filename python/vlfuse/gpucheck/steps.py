@@ -317,7 +317,7 @@ def step_build(ctx: Context, record: dict) -> None:
     elif not info.get("cuda_kernels") or arch not in info.get("cuda_archs", []):
         _set(record, FAIL, f"built without CUDA kernels for {arch}: {info.get('cuda_archs')}")
     else:
-        _set(record, OK, f"built for {arch} with {ctx.jobs} jobs; {info.get('cuda_device')} loads it")
+        _set(record, OK, f"built for {arch} with {ctx.jobs} jobs; loads on {info.get('cuda_device') or 'no GPU'}")
 
 
 def _json_tail(output: str) -> dict | None:
