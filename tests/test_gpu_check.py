@@ -25,10 +25,10 @@ DRY_RUN_STATUS = {
     "memcheck": "skipped",
     "racecheck": "skipped",
     "synccheck": "skipped",
-    "bench-ops": "ok",  # tiny sizes on the CPU
-    "bench-tower": "ok",
     "ncu": "skipped",  # its workload runs at tiny sizes
     "cuda-graph": "skipped",  # the tower runs eagerly
+    "bench-ops": "ok",  # tiny sizes on the CPU
+    "bench-tower": "ok",
     "static": "skipped",  # collected only: tests/test_cuda_static.py runs in `make test` itself
 }
 
@@ -127,17 +127,20 @@ def test_verdict_fails_on_a_gate_step_and_later_steps_still_run(tmp_path, monkey
     assert "made to crash" in report["steps"][3]["summary"]
 
 
-NCU_CSV = '''==PROF== Connected to process 1234
+NCU_CSV = """==PROF== Connected to process 1234
 "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
 "0","1234","python3","h","void vlfuse::merge::(anonymous namespace)::backward_kernel<c10::BFloat16, float>(vlfuse::merge::Params)","1","7","(256, 1, 1)","(528, 1, 1)","0","9.0","Command line profiler metrics","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","81.52"
 "0","1234","python3","h","void vlfuse::merge::(anonymous namespace)::backward_kernel<c10::BFloat16, float>(vlfuse::merge::Params)","1","7","(256, 1, 1)","(528, 1, 1)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum","","1,024"
 "1","1234","python3","h","void vlfuse::rope::(anonymous namespace)::rope_kernel<c10::BFloat16, long, false, 8>(vlfuse::rope::Params)","1","7","(32, 8, 1)","(2048, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","12,345"
-'''
+"""
 
 
 def test_ncu_csv_is_read_per_kernel():
     rows = steps._ncu_rows(NCU_CSV)
-    assert [r["name"] for r in rows] == ["void merge::backward_kernel<c10::BFloat16, float>", "void rope::rope_kernel<c10::BFloat16, long, false, 8>"]
+    assert [r["name"] for r in rows] == [
+        "void merge::backward_kernel<c10::BFloat16, float>",
+        "void rope::rope_kernel<c10::BFloat16, long, false, 8>",
+    ]
     assert rows[0]["dram__throughput.avg.pct_of_peak_sustained_elapsed"] == 81.52
     assert rows[0]["l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum"] == 1024.0
     assert rows[1]["gpu__time_duration.sum"] == 12345.0

@@ -5,8 +5,8 @@
 (memory-bound ops) or plain GEMMs of its sizes (patch_embed, the merger) timed in the same loop.
 ``tower``: the Qwen2-VL vision tower at depth 8 in bfloat16, one image and a mix of sizes, against HF's tower with
 the same weights (no torch.compile: inductor over the HF tower takes longer than the check's budget).
-``--tiny`` shrinks every case to a few tokens, float32 and one block for a dry run on the CPU. The JSON (the ``vlfuse bench``
-format, {machine, results}) is rewritten after every case.
+``--tiny`` shrinks every case to a few tokens, float32 and one block for a dry run on the CPU. The JSON (the
+``vlfuse bench`` format, {machine, results}) is rewritten after every case.
 """
 
 from __future__ import annotations

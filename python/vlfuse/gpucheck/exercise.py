@@ -69,13 +69,17 @@ def run_call(call: Call) -> dict:
     ref_outputs = _flat(call.reference(*ref_leaves))
     expected = [o.detach() for o in ref_outputs]
     if call.grad:
-        torch.autograd.backward(
-            [o for o in ref_outputs if o.is_floating_point()], [g.double() for g in grads_out]
-        )
+        torch.autograd.backward([o for o in ref_outputs if o.is_floating_point()], [g.double() for g in grads_out])
         expected += [ref_leaves[i].grad for i in call.grad]
     err = _relative_error(got, expected)
     tol = TOLERANCE[call.dtype]
-    return {"name": call.name, "dtype": str(call.dtype).removeprefix("torch."), "max_err": err, "tol": tol, "ok": err <= tol}
+    return {
+        "name": call.name,
+        "dtype": str(call.dtype).removeprefix("torch."),
+        "max_err": err,
+        "tol": tol,
+        "ok": err <= tol,
+    }
 
 
 def _randint(high: int, shape, dtype, device) -> Tensor:
@@ -104,7 +108,8 @@ def rope_qkv_calls(device: str) -> list[Call]:
 
         calls.append(
             Call(
-                f"rope_qkv D={head_dim} {layout} pos={str(pos_dtype)[6:]} pad={pad}" + (" +dfreqs" if freqs_grad else ""),
+                f"rope_qkv D={head_dim} {layout} pos={str(pos_dtype)[6:]} pad={pad}"
+                + (" +dfreqs" if freqs_grad else ""),
                 dtype,
                 lambda b, f, fn=fn: fn(ops.rope_qkv, b, f),
                 lambda b, f, fn=fn: fn(reference.rope_qkv, b, f),
@@ -174,7 +179,11 @@ def patchify_calls(device: str) -> list[Call]:
                  lambda *a, f=embed_fn: f(ops.patch_embed, *a), lambda *a, f=embed_fn: f(reference.patch_embed, *a),
                  inputs, tuple(range(len(inputs))))
         )  # fmt: skip
-    for frames_dtype, out_dtype in ((torch.uint8, torch.float32), (torch.uint8, torch.bfloat16), (torch.float32, torch.float32)):
+    for frames_dtype, out_dtype in (
+        (torch.uint8, torch.float32),
+        (torch.uint8, torch.bfloat16),
+        (torch.float32, torch.float32),
+    ):
         frames = _frames(device, frames_dtype)
         calls.append(
             Call(f"patchify frames 3+1 {str(frames_dtype)[6:]} -> {str(out_dtype)[6:]}", out_dtype,
@@ -212,7 +221,9 @@ def merge_calls(device: str) -> list[Call]:
         bias = torch.rand(channels, device=device, dtype=dtype) - 0.5
         inputs = [base, weight] + ([bias] if norm == "layernorm" else [])
 
-        def merge_fn(op, base, weight, *bias, grid_thw=grid_thw, m=m, norm=norm, order=order, offset=offset, c=channels):
+        def merge_fn(
+            op, base, weight, *bias, grid_thw=grid_thw, m=m, norm=norm, order=order, offset=offset, c=channels
+        ):
             x = base[:, offset : offset + c]
             return op(x, grid_thw, weight, bias[0] if bias else None, 1e-6, norm, order, m)
 

@@ -209,7 +209,9 @@ def step_environment(ctx: Context, record: dict) -> None:
         "cpu_cores": os.cpu_count(),
         "source": str(ctx.source) if ctx.source else None,
         "cuda_available": torch.cuda.is_available(),
-        "tools": {name: find_tool(name) for name in ("nvcc", "cmake", "ninja", "compute-sanitizer", "ncu", "cuobjdump")},
+        "tools": {
+            name: find_tool(name) for name in ("nvcc", "cmake", "ninja", "compute-sanitizer", "ncu", "cuobjdump")
+        },
     }
     try:
         from importlib.metadata import version
@@ -245,7 +247,8 @@ def step_environment(ctx: Context, record: dict) -> None:
     record["details"].update(facts)
     ctx.log(json.dumps(facts, indent=2))
     if facts["cuda_available"]:
-        _set(record, OK, f"{facts['device']}, cc {facts['capability']} -> arch {facts['arch']}, torch {facts['torch']}, "
+        _set(record, OK, f"{facts['device']}, cc {facts['capability']} -> arch {facts['arch']}, "
+             f"torch {facts['torch']}, "
              f"transformers {facts['transformers']}, {facts['cpu_cores']} cores")  # fmt: skip
     elif ctx.dry_run:
         _set(record, OK, f"no GPU (dry run): torch {facts['torch']}, transformers {facts['transformers']}, "
@@ -369,7 +372,9 @@ def step_pytest_cuda(ctx: Context, record: dict) -> None:
     if ctx.source is None:
         _set(record, SKIPPED, "no vlfuse checkout (the tests live in its tests/ folder)")
         return
-    counts = _pytest(ctx, record, [str(ctx.source / "tests"), "-m", "cuda"], ctx.work / "pytest-cuda.xml", "pytest -m cuda")
+    counts = _pytest(
+        ctx, record, [str(ctx.source / "tests"), "-m", "cuda"], ctx.work / "pytest-cuda.xml", "pytest -m cuda"
+    )
     if counts is None:
         return
     summary = f"{counts['passed']} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
@@ -397,7 +402,9 @@ def _exercise_result(record: dict, path: Path) -> dict | None:
 
 def step_exercise(ctx: Context, record: dict) -> None:
     path = ctx.work / "exercise.json"
-    done = ctx.call(record, [ctx.python, "-m", "vlfuse.gpucheck.exercise", "--device", _device(ctx), "--json", str(path)])
+    done = ctx.call(
+        record, [ctx.python, "-m", "vlfuse.gpucheck.exercise", "--device", _device(ctx), "--json", str(path)]
+    )
     result = _exercise_result(record, path)
     if done.rc != 0 or done.timed_out or result is None:
         _set(record, ERROR if result is None or done.timed_out else FAIL, done.failure("exercise"))
@@ -411,7 +418,10 @@ def step_exercise(ctx: Context, record: dict) -> None:
              "vlfuse.reference")  # fmt: skip
 
 
-SANITIZER_SUMMARY = re.compile(r"(ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?)")
+SANITIZER_REPORT = re.compile(r"^=+ (Invalid |Error: |Warning: Race|Barrier error)", re.MULTILINE)
+SANITIZER_SUMMARY = re.compile(
+    r"(ERROR SUMMARY: (\d+) errors?|RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?)"
+)
 
 
 def sanitizer_errors(output: str) -> int | None:
@@ -446,8 +456,11 @@ def _sanitizer_step(tool: str) -> Callable[[Context, dict], None]:
         errors = sanitizer_errors(done.output)
         result = _exercise_result(record, path)
         record["details"].update(errors=errors, kernels=SANITIZER_KERNELS)
-        if done.timed_out:
-            _set(record, ERROR, done.failure(tool))
+        reported = SANITIZER_REPORT.findall(done.output)
+        if done.timed_out and not reported:  # inconclusive, not a finding: shown, but not failing the check
+            _set(record, WARN, done.failure(tool) + f"; no {tool} error reported before (incomplete)")
+        elif done.timed_out:
+            _set(record, FAIL, done.failure(tool) + f" after {len(reported)} {tool} report(s) (see the log)")
         elif done.rc == 99 or (errors or 0) > 0:
             _set(record, FAIL, f"{errors} {tool} error(s) in vlfuse kernels (see the log)")
         elif done.rc != 0 or result is None:
@@ -536,8 +549,8 @@ def _bench_step(group: str) -> Callable[[Context, dict], None]:
         where = "tiny sizes on the CPU, no torch.compile" if _device(ctx) == "cpu" else "CUDA"
         if bad:
             _set(record, FAIL, f"{len(bad)} case(s) disagree with HF: " + ", ".join(_case_id(r) for r in bad[:3]))
-        elif done.timed_out:
-            _set(record, ERROR, done.failure(f"bench {group}") + f" ({len(timed)} cases timed before)")
+        elif done.timed_out:  # what ran was checked and timed; the rest is speed not measured, not a failure
+            _set(record, WARN, done.failure(f"bench {group}") + f" ({len(timed)} of {len(records)} cases timed before)")
         elif done.rc != 0 or report is None:
             _set(record, ERROR, done.failure(f"bench {group}"))
         else:
@@ -580,7 +593,9 @@ def step_static(ctx: Context, record: dict) -> None:
         _set(record, SKIPPED, f"{STATIC_TEST} is not in this checkout")
         return
     if ctx.dry_run:
-        done = ctx.call(record, [ctx.python, "-m", "pytest", str(test), "--collect-only", "-q", "-p", "no:cacheprovider"])
+        done = ctx.call(
+            record, [ctx.python, "-m", "pytest", str(test), "--collect-only", "-q", "-p", "no:cacheprovider"]
+        )
         collected = re.search(r"(\d+) tests? collected", done.output)
         if done.rc != 0 or collected is None:
             _set(record, ERROR, done.failure(f"collecting {STATIC_TEST}"))
@@ -599,15 +614,15 @@ def step_static(ctx: Context, record: dict) -> None:
 STEPS = (
     Step("environment", "GPU, toolkit and versions", step_environment, 60, 60, gate=True, needs_build=False),
     Step("build", "in-place build for this GPU's arch", step_build, 240, 90, gate=True, needs_build=False),
-    Step("pytest-cuda", "pytest -m cuda (parity vs CPU reference and HF)", step_pytest_cuda, 150, 90, gate=True),
+    Step("pytest-cuda", "pytest -m cuda (parity vs CPU reference and HF)", step_pytest_cuda, 180, 90, gate=True),
     Step("exercise", "every op fwd+bwd on small odd shapes", step_exercise, 60, 60, gate=True),
     Step("memcheck", "compute-sanitizer memcheck", _sanitizer_step("memcheck"), 100, 10, gate=True),
     Step("racecheck", "compute-sanitizer racecheck", _sanitizer_step("racecheck"), 100, 10, gate=True),
     Step("synccheck", "compute-sanitizer synccheck", _sanitizer_step("synccheck"), 60, 10, gate=True),
-    Step("bench-ops", "ops vs HF eager / torch.compile / copy or GEMM", _bench_step("ops"), 150, 90, gate=True),
-    Step("bench-tower", "vision tower depth 8 bf16 vs HF", _bench_step("tower"), 90, 90, gate=True),
     Step("ncu", "Nsight Compute: DRAM and shared-memory banks", step_ncu, 90, 60),
     Step("cuda-graph", "CUDA-graph capture + replay of the tower", step_cuda_graph, 60, 60),
+    Step("bench-ops", "ops vs HF eager / torch.compile / copy or GEMM", _bench_step("ops"), 150, 90, gate=True),
+    Step("bench-tower", "vision tower depth 8 bf16 vs HF", _bench_step("tower"), 90, 90, gate=True),
     Step("static", "ptxas resources (tests/test_cuda_static.py)", step_static, 120, 60, needs_build=False),
 )
 
@@ -653,7 +668,9 @@ def run_check(
         deadline=began + budget,
         log_path=out_dir / "gpu-check.log",
     )
-    ctx.log_path.write_text(f"vlfuse gpu-check{' --dry-run' if dry_run else ''}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+    ctx.log_path.write_text(
+        f"vlfuse gpu-check{' --dry-run' if dry_run else ''}, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n"
+    )
     records = [
         {"name": s.name, "title": s.title, "gate": s.gate, "status": PENDING, "summary": "", "seconds": None,
          "time_box_s": s.dry_box_s if dry_run else s.box_s, "commands": [], "details": {}}
@@ -708,7 +725,9 @@ def format_summary(report: dict) -> str:
     rows = [("step", "status", "s", "summary")]
     for r in report["steps"]:
         seconds = "-" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        rows.append((r["name"], r["status"].upper() if r["status"] in (FAIL, ERROR) else r["status"], seconds, r["summary"]))
+        rows.append(
+            (r["name"], r["status"].upper() if r["status"] in (FAIL, ERROR) else r["status"], seconds, r["summary"])
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
     for r in report["steps"]:
