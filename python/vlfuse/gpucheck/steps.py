@@ -285,10 +285,9 @@ def step_build(ctx: Context, record: dict) -> None:
         "-DVLFUSE_SANITIZE=OFF",
     ]
     env = ctx.env(CMAKE_BUILD_PARALLEL_LEVEL=str(ctx.jobs), **({"TORCH_CUDA_ARCH_LIST": arch} if arch else {}))
-    nvcc = ctx.facts.get("tools", {}).get("nvcc")
-    if nvcc and not any(env.get(k) for k in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")):
-        # CMakeLists.txt looks in CUDA_HOME, CUDA_PATH and /usr/local/cuda; a toolkit found only on PATH goes there
-        env["CUDA_HOME"] = str(Path(os.path.realpath(nvcc)).parents[1])
+    toolkit = _toolkit_on_path(ctx.facts.get("tools", {}).get("nvcc"))
+    if toolkit and not any(env.get(k) for k in ("CUDACXX", "CUDA_HOME", "CUDA_PATH")):
+        env["CUDA_HOME"] = toolkit
     done = ctx.call(record, configure, env=env)
     cuda_line = re.search(r"vlfuse: (building CUDA kernels .*|building CPU kernels only.*)", done.output)
     record["details"].update(arch=arch, build_dir=str(build_dir), cmake=cuda_line.group(1) if cuda_line else None)
@@ -321,6 +320,15 @@ def step_build(ctx: Context, record: dict) -> None:
         _set(record, FAIL, f"built without CUDA kernels for {arch}: {info.get('cuda_archs')}")
     else:
         _set(record, OK, f"built for {arch} with {ctx.jobs} jobs; loads on {info.get('cuda_device') or 'no GPU'}")
+
+
+def _toolkit_on_path(nvcc: str | None) -> str | None:
+    """The toolkit of an nvcc found on PATH, for CMakeLists.txt, which looks in CUDA_HOME, CUDA_PATH and
+    /usr/local/cuda only; None when that last one is there or the nvcc on PATH is a wrapper outside a toolkit."""
+    if nvcc is None or os.access("/usr/local/cuda/bin/nvcc", os.X_OK):
+        return None
+    root = Path(os.path.realpath(nvcc)).parents[1]
+    return str(root) if (root / "include" / "cuda_runtime.h").is_file() else None
 
 
 def _json_tail(output: str) -> dict | None:
@@ -685,13 +693,13 @@ def run_check(
         "verdict": None,
     }
     _write_report(ctx, report)
-    build_ok = True
+    blocked = None  # the failed environment or build step that the remaining steps cannot run without
     for step, record in zip(STEPS, records):
         left = ctx.deadline - time.monotonic()
         if only and step.name not in only and step.name not in ("environment", "build"):
             _set(record, SKIPPED, "not selected (--steps)")
-        elif step.needs_build and not build_ok:
-            _set(record, SKIPPED, "the build failed")
+        elif blocked == "environment" or (blocked and step.needs_build):
+            _set(record, SKIPPED, f"the {blocked} step failed")
         elif left < MIN_STEP_S:
             _set(record, SKIPPED, f"out of the {budget:.0f} s budget")
         else:
@@ -706,7 +714,7 @@ def run_check(
                 _set(record, ERROR, f"{type(exc).__name__}: {exc}")
             record["seconds"] = round(time.monotonic() - started, 1)
             if step.name in ("environment", "build") and record["status"] in (FAIL, ERROR):
-                build_ok = False
+                blocked = step.name
         print(f"[gpu-check] {step.name}: {record['status']}: {record['summary']}", flush=True)
         _write_report(ctx, report)
     failed = [r["name"] for r in records if r["gate"] and r["status"] in (FAIL, ERROR)]
