@@ -213,3 +213,21 @@ def test_ncu_step_reports_the_merge_backward_kernel(gpu_tools):
     assert record["status"] == "ok", record["summary"]
     assert "merge::backward_kernel" in record["summary"] and "DRAM 81.52%" in record["summary"]
     assert "--clock-control none" in record["commands"][0]
+
+
+def test_a_failed_environment_skips_every_other_step(tmp_path, monkeypatch):
+    def no_gpu(ctx, record):
+        steps._set(record, steps.FAIL, "no CUDA device")
+
+    def must_not_run(ctx, record):
+        raise AssertionError("ran without an environment")
+
+    fake = (
+        steps.Step("environment", "env", no_gpu, 5, 5, gate=True, needs_build=False),
+        steps.Step("build", "build", must_not_run, 5, 5, gate=True, needs_build=False),
+        steps.Step("static", "needs no build", must_not_run, 5, 5, needs_build=False),
+    )
+    monkeypatch.setattr(steps, "STEPS", fake)
+    assert steps.run_check(str(tmp_path)) == 1
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert [r["status"] for r in report["steps"]] == ["fail", "skipped", "skipped"]
