@@ -41,6 +41,9 @@ WORKLOADS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "4 images 448x448": (IMAGE_448,) * 4,
     "16 images 448x448": (IMAGE_448,) * 16,
     "video 16f 448x448": ((8, 32, 32),),  # 16 frames, two per temporal patch
+    # images of different sizes in one call (a training batch): the vision tower's segments of unequal length
+    "4 images, mixed sizes": ((1, 32, 32), (1, 24, 40), (1, 16, 16), (1, 40, 28)),
+    "16 images, mixed sizes": tuple((1, 8 + 4 * (i % 5), 8 + 4 * ((3 * i) % 7)) for i in range(16)),
 }
 
 
