@@ -1,11 +1,13 @@
-"""Regenerates README.md's benchmark section from benchmarks/results/*.json (the latest run per device).
+"""Regenerates the results pages and README's summary table from benchmarks/results/*.json.
 
-    python benchmarks/update_readme.py            # rewrite the section between the markers
-    python benchmarks/update_readme.py --check    # exit 1 when README is not what the JSON gives
+    python benchmarks/render_results.py            # rewrite the generated sections
+    python benchmarks/render_results.py --check    # exit 1 when a page or README is not what the JSON gives
 
-The section lives between `<!-- bench:begin -->` and `<!-- bench:end -->`; when README has no markers yet the
-section is appended at its end. Nothing else in README is touched. The JSON comes from
-`python -m vlfuse bench --json benchmarks/results/<device>.json`.
+Each benchmarks/results/<machine>.json (from `python -m vlfuse bench --json benchmarks/results/<machine>.json`)
+gets a page beside it, <machine>.md, with every checked case's row; README.md gets one table across machines,
+linking those pages. Only the text between `<!-- bench:begin -->` and `<!-- bench:end -->` is generated: what a page
+or README holds outside the markers (a page's notes on its run) is kept; a file without markers gets the section
+at its end.
 """
 
 from __future__ import annotations
@@ -16,127 +18,61 @@ import json
 import os
 import sys
 
+from vlfuse.bench.report import format_markdown, format_summary, machine_title
+
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the workloads the headline table shows per op (the JSON has them all)
-HEADLINE_CASES = ("1 image 448x448", "16 images 448x448")
 
 
-def _f(value, fmt: str, suffix: str = "") -> str:
-    return "–" if value is None else f"{value:{fmt}}{suffix}"
-
-
-def _ms(value) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
-
-
-def _limit(record: dict) -> str:
-    if record.get("pct_of_limit") is None:
-        return "–"
-    return f"{record['pct_of_limit']:.0f}% of {'copy' if record['limit_kind'] == 'bandwidth' else 'GEMM'}"
-
-
-def _target(record: dict) -> str:
-    if not record.get("target"):
-        return ""
-    return {True: "✅", False: "❌", None: "–"}[record.get("target_met")] + " " + record["target"]
-
-
-def headline(records: list[dict]) -> list[dict]:
-    ops_with_workloads = {r["op"] for r in records if r["case"] in HEADLINE_CASES}
-    return [
-        r
-        for r in records
-        if r["check"] == "ok" and (r["op"] not in ops_with_workloads or r["case"] in HEADLINE_CASES)
-    ]
-
-
-def device_section(path: str) -> list[str]:
-    with open(path) as handle:
-        report = json.load(handle)
-    machine = report["machine"]
-    lines = [
-        f"### {machine['device']} ({machine['device_type']}"
-        + (f", vlfuse {machine['vlfuse_cpu_isa']} build" if machine.get("vlfuse_cpu_isa") else "")
-        + (f", family {machine['cpu_family']} model {machine['cpu_model']}" if "cpu_family" in machine else "")
-        + f", {machine['threads']} threads)",
-        "",
-        f"torch {machine['torch']}, transformers {machine.get('transformers')}, run {machine.get('date_utc', '?')}; "
-        f"measured limits: copy {_f(machine.get('copy_gbs'), '.1f', ' GB/s')}, GEMM TFLOP/s "
-        + ", ".join(f"{k} {v:.3g}" for k, v in machine.get("gemm_tflops", {}).items())
-        + f". Full results: `{os.path.basename(path)}` in benchmarks/results/.",
-        "",
-        "| op | case | dtype | pass | vlfuse ms | HF eager ms | compile ms | vs eager | vs compile | achieved "
-        "| of limit | MiB vlfuse / eager | target |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
-    ]
-    for r in headline(report["results"]):
-        mem = "–"
-        if r.get("mem_vlfuse_bytes") is not None:
-            mem = f"{r['mem_vlfuse_bytes'] / 2**20:.1f} / {r['mem_eager_bytes'] / 2**20:.1f}"
-        rate = "–" if r.get("vlfuse_rate") is None else f"{r['vlfuse_rate']:.3g} {r['rate_unit']}"
-        lines.append(
-            f"| {r['op']} | {r['case']} | {r['dtype']} | {r['pass']} | {_ms(r['vlfuse_ms'])} "
-            f"| {_ms(r['eager_ms'])} | {_ms(r['compile_ms'])} | {_f(r['speedup_eager'], '.2f', 'x')} "
-            f"| {_f(r['speedup_compile'], '.2f', 'x')} | {rate} | {_limit(r)} | {mem} | {_target(r)} |"
-        )
-    skipped = [r for r in report["results"] if r["check"] != "ok"]
-    if skipped:
-        lines += [""] + [f"- not timed: {r['op']} / {r['case']} / {r['dtype']} / {r['pass']}: {r['check']}" for r in skipped]
-    notes = sorted(
-        {f"{r['op']} / {r['case']} / {r['dtype']} / {r['pass']}: {n}" for r in report["results"] for n in r.get("notes", [])}
-    )
-    if notes:
-        lines += [""] + [f"- {n}" for n in notes]
-    return lines
-
-
-def render(results_dir: str) -> str:
-    paths = sorted(glob.glob(os.path.join(results_dir, "*.json")))
-    lines = [
-        BEGIN,
-        "<!-- generated by benchmarks/update_readme.py from benchmarks/results/*.json; do not edit by hand -->",
-        "",
-        "Speedups of vlfuse over HF transformers' own Qwen2-VL code (eager and `torch.compile`, same weights and "
-        "inputs, outputs checked equal first, or where HF eager is itself inexact checked against HF's code in "
-        "float64), medians of interleaved runs; *of limit* is the share of this "
-        "machine's copy bandwidth (memory-bound ops, for the bytes they must move) or of plain GEMMs of the same "
-        "sizes, measured in the same run. Reproduce with `python -m vlfuse bench --json FILE`.",
-        "",
-    ]
-    if not paths:
-        lines.append("No results yet: run `python -m vlfuse bench --json benchmarks/results/<device>.json`.")
-    for path in paths:
-        lines += device_section(path) + [""]
-    lines.append(END)
-    return "\n".join(lines)
-
-
-def updated_readme(text: str, section: str) -> str:
+def with_section(text: str, section: str, generated_from: str) -> str:
+    """text with its generated section (between the markers) replaced by section, or section appended."""
+    note = f"<!-- generated by benchmarks/render_results.py from {generated_from}; do not edit by hand -->"
+    block = f"{BEGIN}\n{note}\n\n{section}\n{END}"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        return head + section + rest.split(END, 1)[1]
-    return text.rstrip("\n") + "\n\n## Benchmarks\n\n" + section + "\n"
+        return head + block + rest.split(END, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def rendered(readme: str, results_dir: str) -> dict[str, str]:
+    """path -> the text it should hold: a page per JSON file, and README."""
+    texts, reports = {}, []
+    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        with open(path) as handle:
+            report = json.load(handle)
+        page = os.path.splitext(path)[0] + ".md"
+        old = _read(page, f"# {machine_title(report['machine'])}\n")
+        texts[page] = with_section(old, format_markdown(report, os.path.basename(path)), os.path.basename(path))
+        reports.append((report, os.path.relpath(page, os.path.dirname(os.path.abspath(readme)))))
+    texts[readme] = with_section(_read(readme, "# vlfuse\n"), format_summary(reports), "benchmarks/results/*.json")
+    return texts
+
+
+def _read(path: str, default: str) -> str:
+    if not os.path.exists(path):
+        return default
+    with open(path) as handle:
+        return handle.read()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"), help="folder of JSON runs")
-    parser.add_argument("--check", action="store_true", help="exit 1 if README's section is out of date")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated section is out of date")
     args = parser.parse_args(argv)
-    text = open(args.readme).read() if os.path.exists(args.readme) else "# vlfuse\n"
-    new = updated_readme(text, render(args.results))
-    if args.check:
-        if new != text:
-            print(f"{args.readme}: benchmark section is out of date; run benchmarks/update_readme.py")
-            return 1
-        return 0
-    with open(args.readme, "w") as handle:
-        handle.write(new)
-    print(f"updated {args.readme}")
+    stale = []
+    for path, text in rendered(args.readme, args.results).items():
+        if _read(path, "") == text:
+            continue
+        stale.append(path)
+        if not args.check:
+            with open(path, "w") as handle:
+                handle.write(text)
+            print(f"updated {path}")
+    if args.check and stale:
+        print("out of date (run benchmarks/render_results.py): " + ", ".join(stale))
+        return 1
     return 0
 
 
