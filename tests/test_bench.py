@@ -235,6 +235,11 @@ def test_results_pages_and_readme_summary_are_generated_between_markers(tmp_path
     assert render_results.main(argv + ["--check"]) == 0
 
 
+def test_committed_results_pages_and_readme_summary_match_the_json():
+    """README's summary and each benchmarks/results/<machine>.md are what render_results.py makes of the stored JSON."""
+    assert _render_results_module().main(["--check"]) == 0
+
+
 def test_summary_names_each_cpu_by_family_model_and_isa():
     machine = {"device": "Intel(R) Xeon(R) Processor", "device_type": "cpu", "threads": 2, "date_utc": "2026-12-03",
                "cpu_family": 6, "cpu_model": 167, "vlfuse_cpu_isa": "AVX512_BF16"}
