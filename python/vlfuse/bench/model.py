@@ -33,8 +33,8 @@ def _model_package():
 
 def tower_gemms(count: int, depth: int, llm_width: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of every GEMM in one tower forward: patch embedding, per block qkv/proj/fc1/fc2, the merger MLP."""
-    e, mlp = VISION.embed_dim, VISION.embed_dim * VISION.mlp_ratio
-    merged, hidden = count // VISION.merge_size**2, VISION.embed_dim * VISION.merge_size**2
+    e, mlp = VISION.embed_dim, VISION.mlp_dim
+    merged, hidden = count // VISION.spatial_merge_size**2, VISION.embed_dim * VISION.spatial_merge_size**2
     per_block = [(count, e, 3 * e), (count, e, e), (count, e, mlp), (count, mlp, e)]
     return [(count, VISION.patch_dim, e)] + per_block * depth + [(merged, hidden, hidden), (merged, hidden, llm_width)]
 
