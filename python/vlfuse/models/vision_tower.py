@@ -32,20 +32,38 @@ def _quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def _quick_gelu_(x: Tensor) -> Tensor:
+    # x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: three in-place passes, no temporary
+    return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
+
+
 def _tanh_gelu(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-_ACTIVATIONS = {"quick_gelu": _quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": _tanh_gelu, "gelu_new": _tanh_gelu,
-                "silu": F.silu}
+# HF name -> (activation, the same in place)
+_ACTIVATIONS = {
+    "quick_gelu": (_quick_gelu, _quick_gelu_),
+    "gelu": (F.gelu, torch.ops.aten.gelu_),
+    "gelu_pytorch_tanh": (_tanh_gelu, lambda x: torch.ops.aten.gelu_(x, approximate="tanh")),
+    "gelu_new": (_tanh_gelu, lambda x: torch.ops.aten.gelu_(x, approximate="tanh")),
+    "silu": (F.silu, lambda x: F.silu(x, inplace=True)),
+}
 
 
-def activation(name: str):
-    """The MLP activation by its HF name."""
+def activation(name: str, inplace: bool = False):
+    """The MLP activation by its HF name (inplace: the variant that overwrites its input)."""
     try:
-        return _ACTIVATIONS[name]
+        return _ACTIVATIONS[name][int(inplace)]
     except KeyError:
         raise ValueError(f"unsupported activation {name!r} ({', '.join(_ACTIVATIONS)})") from None
+
+
+def _add_linear_(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
+    """x += h @ W^T + b in place: the residual add rides in the GEMM (addmm_'s beta = 1), with no [S, C] temporary."""
+    if linear.bias is not None:
+        x.add_(linear.bias)
+    return x.addmm_(h, linear.weight.t())
 
 
 class VisionMlp(nn.Module):
@@ -56,9 +74,18 @@ class VisionMlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.act = activation(hidden_act)
+        self.act_ = activation(hidden_act, inplace=True)
+
+    @property
+    def out(self) -> nn.Linear:
+        return self.fc2
+
+    def hidden(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """[S, hidden_dim]: what fc2 takes."""
+        return (self.act_ if inplace else self.act)(self.fc1(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.hidden(x))
 
 
 class GatedVisionMlp(nn.Module):
@@ -70,9 +97,20 @@ class GatedVisionMlp(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim)
         self.down_proj = nn.Linear(hidden_dim, dim)
         self.act = activation(hidden_act)
+        self.act_ = activation(hidden_act, inplace=True)
+
+    @property
+    def out(self) -> nn.Linear:
+        return self.down_proj
+
+    def hidden(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """[S, hidden_dim]: what down_proj takes."""
+        if inplace:
+            return self.act_(self.gate_proj(x)).mul_(self.up_proj(x))
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
 
 
 def _norm(config: Qwen2VLVisionConfig) -> nn.Module:
@@ -90,9 +128,17 @@ class VisionBlock(nn.Module):
         mlp = GatedVisionMlp if config.gated_mlp else VisionMlp
         self.mlp = mlp(config.embed_dim, config.mlp_dim, config.hidden_act)
 
-    def forward(self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout) -> Tensor:
-        x = x + self.attn(self.norm1(x), positions, freqs, segments)
-        return x + self.mlp(self.norm2(x))
+    def forward(
+        self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout, inplace: bool = False
+    ) -> Tensor:
+        """x [S, C] -> [S, C]. inplace (inference only: nothing may need x's old value) updates x where it is: both
+        residual adds ride in the output projections' GEMMs and the activation overwrites its input, which saves
+        three passes over [S, C] and [S, mlp_dim] temporaries per block."""
+        if not inplace:
+            x = x + self.attn(self.norm1(x), positions, freqs, segments)
+            return x + self.mlp(self.norm2(x))
+        _add_linear_(x, self.attn.attend(self.norm1(x), positions, freqs, segments), self.attn.proj)
+        return _add_linear_(x, self.mlp.hidden(self.norm2(x), inplace=True), self.mlp.out)
 
 
 class VisionTower(nn.Module):
@@ -231,14 +277,15 @@ class VisionTower(nn.Module):
         units = plan.tokens // (plan.merge_size * plan.merge_size)
         if plan.unit_order is not None:
             pixel_values = pixel_values.reshape(units, -1)[plan.unit_order].reshape(plan.tokens, -1)
-        x = self.patch_embed(pixel_values)
+        x = self.patch_embed(pixel_values)  # a new tensor: in inference the blocks may update it in place
         freqs = self.rope_freqs(x.device)
+        training = torch.is_grad_enabled()
         for block, windowed in zip(self.blocks, self.windowed):
             segments = plan.window if windowed else plan.full
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and training:
                 x = checkpoint(block, x, plan.positions, freqs, segments, use_reentrant=False)
             else:
-                x = block(x, plan.positions, freqs, segments)
+                x = block(x, plan.positions, freqs, segments, inplace=not training)
         merged = self.merger(x)
         if plan.unit_restore is not None:
             merged = merged[plan.unit_restore]

@@ -97,8 +97,12 @@ class RotaryAttention2D(nn.Module):
     def forward(self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
         """x: [S, dim]; positions: [S, 2] (h, w) integer; freqs: [2, head_dim / 2] float32;
         segments: a SegmentLayout or cu_seqlens [segments + 1] (tokens attend within their segment). Returns [S, dim]."""
+        return self.proj(self.attend(x, positions, freqs, segments))
+
+    def attend(self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
+        """The attention output before ``proj`` ([S, dim]), for callers that fold proj into something else."""
         q, k, v = self.ops.rope_qkv(self.qkv(x), positions, freqs, self.num_heads, out_layout="hsd")
-        return self.proj(segment_attention(q, k, v, segments))
+        return segment_attention(q, k, v, segments)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"
