@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._native import call_op, register_autograd, require_native
+from .._native import call_op, register_autograd
 
 __all__ = ["rope_qkv", "rope", "rope_", "rope_cos_sin", "vision_rope_freqs", "vision_positions"]
 
@@ -37,33 +37,13 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor
 
     positions: [S, A] integer, A in 1..4; freqs: [A, D / 2] float32. Returns new contiguous tensors.
     """
-    return call_op(torch.ops.vlfuse.rope.default, q, k, positions, freqs)
-
-
-class _RopeInplace(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor):
-        torch.ops.vlfuse.rope_(q, k, positions, freqs)
-        ctx.mark_dirty(q, k)
-        ctx.shapes = (q.shape, k.shape)
-        ctx.save_for_backward(positions, freqs)
-        return q, k
-
-    @staticmethod
-    def backward(ctx, grad_q: Tensor, grad_k: Tensor):
-        positions, freqs = ctx.saved_tensors
-        grads = _zeros_if_none(grad_q, grad_k, ctx.shapes)
-        gq, gk = call_op(torch.ops.vlfuse.rope.default, *grads, positions, freqs, True)
-        return gq, gk, None, None
+    return call_op(torch.ops.vlfuse.rope.default, q, k, positions, freqs, False)
 
 
 def rope_(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
     """In-place rope: rotates q [S, Hq, D] and k [S, Hk, D] where they are (unit stride on D, no overlapping
     memory). Returns (q, k). Differentiable w.r.t. q and k (not freqs) when they are non-leaf tensors."""
-    require_native()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _RopeInplace.apply(q, k, positions, freqs)
-    torch.ops.vlfuse.rope_(q, k, positions, freqs)
+    call_op(torch.ops.vlfuse.rope_.default, q, k, positions, freqs, False)
     return q, k
 
 
@@ -73,7 +53,7 @@ def rope_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
     q: [S, Hq, D], k: [S, Hk, D]; cos, sin: [S, D] (any float dtype; used in float32).
     out = x * cos + rotate_half(x) * sin, computed in float32, returned in q's dtype.
     """
-    return call_op(torch.ops.vlfuse.rope_cos_sin.default, q, k, cos, sin)
+    return call_op(torch.ops.vlfuse.rope_cos_sin.default, q, k, cos, sin, False)
 
 
 def vision_rope_freqs(head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> Tensor:
@@ -267,6 +247,25 @@ def _rope_backward(ctx, grad_q, grad_k):
 
 
 register_autograd(torch.ops.vlfuse.rope.default, _rope_backward, _rope_setup)
+
+
+def _rope_inplace_setup(ctx, inputs, output):
+    q, k, positions, freqs, inverse = inputs
+    ctx.inverse = inverse
+    ctx.shapes = (q.shape, k.shape)
+    ctx.save_for_backward(positions, freqs)
+
+
+def _rope_inplace_backward(ctx, grad_q, grad_k):
+    positions, freqs = ctx.saved_tensors
+    grads = _zeros_if_none(grad_q, grad_k, ctx.shapes)
+    gq, gk = call_op(torch.ops.vlfuse.rope.default, *grads, positions, freqs, not ctx.inverse)
+    return gq, gk, None, None, None
+
+
+register_autograd(
+    torch.ops.vlfuse.rope_.default, _rope_inplace_backward, _rope_inplace_setup, mutated_args=(0, 1)
+)
 
 
 def _rope_cos_sin_setup(ctx, inputs, output):
