@@ -13,12 +13,22 @@ Every op is recorded for autograd one way, through ``register_autograd`` (its ba
 - eager autograd off (``VLFUSE_EAGER_AUTOGRAD=0`` in the environment, read once at import, or
   ``set_eager_autograd(False)``): ``call_op`` is a plain ``torch.ops`` call, recorded by the autograd kernel that
   torch.library.register_autograd registers, as for any ``torch.ops`` caller. Values and gradients are the same;
-  only the per-call overhead and torch.func differ. Under torch.func (grad, vjp, jacrev, vmap of those) the eager
-  Functions work, while torch.library's generated one has no setup_context and raises (pytorch/pytorch#179652);
-  plain vmap and forward mode raise with torch's own messages instead of vlfuse's.
+  only the per-call overhead and torch.func differ:
+
+  ==========================================  ===================================  =================================
+  transform                                   eager mode                           plain mode
+  ==========================================  ===================================  =================================
+  torch.func grad, vjp, jacrev, vmap of grad  autograd's gradients                 RuntimeError: torch.library's
+                                                                                   generated Function has no
+                                                                                   setup_context (pytorch#179652)
+  torch.func.vmap (no grad)                   runs the op per sample               the same
+  forward mode (torch.func.jvp / jacfwd,      RuntimeError naming the op (it has   tangents dropped without a word:
+  torch.autograd.forward_ad)                  no forward-mode derivative)          zero (torch.func) or None
+  ==========================================  ===================================  =================================
 
 An op that writes into its arguments (``rope_``) cannot have its autograd registered with torch.library, which
-takes only functional ops; its Function (public API only) records it in both modes.
+takes only functional ops; its Function (public API only) records it in both modes. Being one piece (ctx first),
+it raises under torch.func's reverse transforms in both.
 """
 
 from __future__ import annotations
