@@ -1,7 +1,8 @@
 """Bad input gets a clear error naming the argument, never a crash or a silent wrong answer (issue 9).
 
 One table: each case calls a public op with one thing wrong and names the exception type and the key words the
-message must contain. The checks themselves live once, in the C++ ops."""
+message must contain. The checks live in the C++ ops; the fake kernels repeat them for torch.compile, and the
+second half of this file checks that both raise the same error."""
 
 import re
 
