@@ -1,8 +1,7 @@
 """patch_embed vs HF's PatchEmbed (view + Conv3d, kernel = stride) eager, vs torch.compile of it, vs a plain GEMM of
-the same size; embed_frames (uint8 frames to embeddings) vs HF's image/video processor patchify + PatchEmbed.
-Qwen2-VL-2B shapes (E = 1280): 1, 4 and 16 images of 448 x 448 and a 16-frame 448 x 448 video, fp32 and bf16,
-forward and forward+backward. The cases are vlfuse.bench.patchify's, the same as ``python -m vlfuse bench``.
-Only the --quick cases run unless VLFUSE_SLOW=1.
+the same size; embed_frames (uint8 frames to embeddings) vs HF's image/video processor patchify + PatchEmbed. The
+cases are vlfuse.bench.patchify's, the same as ``python -m vlfuse bench``. Only the --quick cases run unless
+VLFUSE_SLOW=1.
 
     pytest benchmarks/bench_patchify.py --benchmark-only
 """

@@ -3,9 +3,9 @@
 //
 // Why: from glibc, a block of a few MB or more is often a fresh mapping (always from 32 MiB up; below that it
 // depends on the process's history of frees, as glibc adapts its mmap and trim thresholds), and the first write
-// to every 4 KiB page of a fresh mapping is a page fault that zeroes the page. On the project's machines that
-// costs ~3 us a page, ~1 ms per MB: more than the kernel that writes the block (rope_qkv on one 448 x 448 image
-// ran 1.5 ms or 6.4 ms depending on whether glibc had kept its last outputs mapped). A model calls these ops with
+// to every 4 KiB page of a fresh mapping is a page fault that zeroes the page. The faults can cost more than the
+// kernel that writes the block, so its time depended on whether glibc had kept the last outputs mapped
+// (measurements: benchmarks/results/design-measurements.md). A model calls these ops with
 // the same shapes in every layer and step, so a freed output block is kept and handed to the next output of
 // about the same size, whose pages are already mapped: no faults, and the time no longer depends on malloc's
 // history.

@@ -27,9 +27,7 @@ using at::vec::Vectorized;
 // last-level cache moves its outputs over the memory bus twice; a streaming store writes whole lines without
 // reading them, at the price of not leaving them in cache, which data this large would not stay in anyway.
 // Just past the cache's size, part of a repeated call's data still hits in it (replacement is not pure LRU), so
-// the switch is at 1.25x. Measured: on an AMD EPYC (32 MiB L3) a copy of 21 MB / 252 MB ran 2.0x / 1.6x faster
-// streaming, one of 8 MB (in cache) 1.5x slower; on an Intel Xeon (105 MiB L3) rope_qkv moving 126 MB ran
-// 1.3x faster with plain stores, merge2x2 moving 168 MB 1.35x faster streaming.
+// the switch is at 1.25x (the measurements behind it: benchmarks/results/design-measurements.md).
 inline bool prefer_streaming_stores(int64_t bytes) {
   static const int64_t last_level_cache = [] {
 #if defined(_SC_LEVEL3_CACHE_SIZE)
@@ -46,12 +44,9 @@ inline bool prefer_streaming_stores(int64_t bytes) {
 // The same choice for a kernel whose threads each write whole cache lines of one or a few output streams, every
 // byte once (merge2x2), run by `threads` threads. An Intel Xeon's last-level cache is the socket's mesh L3, which
 // a VM shares with every other tenant on the socket, and past its cores' private L2 it gave such a kernel little
-// over memory: on a Xeon VM (105 MiB L3, 2 MiB L2 per core) a one-thread copy moving 2 MB ran 1.45x faster with
-// plain stores, one moving 4 MB 1.13x faster streaming (16 MB: 1.26x, 32 MB: 1.56x); merge2x2 on 2 threads moving
-// 5 MB (512 float32 or 1024 bfloat16 tokens) ran 1.05-1.15x faster streaming forward and 1.5-1.6x forward and
-// backward, and moving 2.6 MB 1.3x slower. There the switch is where a thread's share of the bytes passes 1.25x
-// its L2. Elsewhere the last-level rule above holds: AMD EPYC's L3 belongs to one core complex, and copies of
-// data it held ran at ~150 GB/s, where streaming stores reach memory's ~25.
+// over memory, so there the switch is where a thread's share of the bytes passes 1.25x its L2. Elsewhere the
+// last-level rule above holds: AMD EPYC's L3 belongs to one core complex, and data it holds is copied far faster
+// than streaming stores reach memory (measurements: benchmarks/results/design-measurements.md).
 inline bool prefer_streaming_stores(int64_t bytes, int64_t threads) {
   static const int64_t private_cache = [] {
 #if defined(__x86_64__) && defined(_SC_LEVEL2_CACHE_SIZE)

@@ -194,33 +194,63 @@ def test_interleaved_timing_times_every_function():
     assert calls["a"] > FAST.repeats and calls["b"] > FAST.repeats
 
 
-def _update_readme_module():
+def _render_results_module():
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "update_readme.py"
-    spec = importlib.util.spec_from_file_location("update_readme", path)
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "render_results.py"
+    spec = importlib.util.spec_from_file_location("render_results", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_readme_section_is_generated_between_markers(tmp_path):
-    update_readme = _update_readme_module()
+def test_results_pages_and_readme_summary_are_generated_between_markers(tmp_path):
+    render_results = _render_results_module()
     results = tmp_path / "results"
     report.write_json(runner.run_suite(_tiny_cases(), _options()), str(results / "cpu-test.json"))
     readme = tmp_path / "README.md"
     readme.write_text("# vlfuse\n\nintro\n")
-    assert update_readme.main(["--readme", str(readme), "--results", str(results)]) == 0
-    first = readme.read_text()
-    assert first.startswith("# vlfuse\n\nintro\n") and first.count(update_readme.BEGIN) == 1
-    assert "| rope_qkv | tiny | float32 | fwd |" in first
-    # a second run replaces the section in place (hand edits outside the markers survive), and --check agrees
-    readme.write_text(first.replace("intro", "intro, edited"))
-    assert update_readme.main(["--readme", str(readme), "--results", str(results)]) == 0
-    second = readme.read_text()
-    assert "intro, edited" in second and second.count(update_readme.BEGIN) == 1
-    assert update_readme.main(["--readme", str(readme), "--results", str(results), "--check"]) == 0
+    argv = ["--readme", str(readme), "--results", str(results)]
+    assert render_results.main(argv) == 0
+    page = results / "cpu-test.md"
+    first_page, first_readme = page.read_text(), readme.read_text()
+    # the page: every checked row, under a title naming the machine
+    assert first_page.startswith("# ") and first_page.count(render_results.BEGIN) == 1
+    assert "| rope_qkv | tiny | float32 | fwd |" in first_page
+    assert "| rope_qkv | tiny | bfloat16 | fwd+bwd |" in first_page
+    # README: the summary across machines, linking the page, and no per-case rows
+    assert first_readme.startswith("# vlfuse\n\nintro\n") and first_readme.count(render_results.BEGIN) == 1
+    assert "(results/cpu-test.md)" in first_readme and "| rope_qkv |" in first_readme
+    assert "| rope_qkv | tiny |" not in first_readme
+    # a second run replaces the sections in place (hand edits outside the markers survive), and --check agrees
+    page.write_text(first_page.replace("\n", "\n\nNotes on this run.\n", 1))
+    readme.write_text(first_readme.replace("intro", "intro, edited"))
+    assert render_results.main(argv + ["--check"]) == 0
+    (results / "cpu-test.json").write_text((results / "cpu-test.json").read_text().replace('"tiny"', '"tiny2"'))
+    assert render_results.main(argv + ["--check"]) == 1
+    assert render_results.main(argv) == 0
+    assert "Notes on this run." in page.read_text() and "| rope_qkv | tiny2 |" in page.read_text()
+    assert "intro, edited" in readme.read_text() and readme.read_text().count(render_results.BEGIN) == 1
+    assert render_results.main(argv + ["--check"]) == 0
+
+
+def test_committed_results_pages_and_readme_summary_match_the_json():
+    """README's summary and each benchmarks/results/<machine>.md are what render_results.py makes of the stored JSON."""
+    assert _render_results_module().main(["--check"]) == 0
+
+
+def test_summary_names_each_cpu_by_family_model_and_isa():
+    machine = {"device": "Intel(R) Xeon(R) Processor", "device_type": "cpu", "threads": 2, "date_utc": "2026-12-03",
+               "cpu_family": 6, "cpu_model": 167, "vlfuse_cpu_isa": "AVX512_BF16"}
+    records = [
+        {"op": "rope_qkv", "check": "ok", "speedup_eager": 5.0, "speedup_compile": 2.0},
+        {"op": "rope_qkv", "check": "ok", "speedup_eager": 20.0, "speedup_compile": None},
+        {"op": "rope_qkv", "check": "FAIL: off", "speedup_eager": None, "speedup_compile": None},
+    ]
+    table = report.format_summary([({"machine": machine, "results": records}, "results/x.md")])
+    assert "[Intel Xeon f6m167 AVX512_BF16](results/x.md)" in table
+    assert "| rope_qkv | 5.00-20x / 2.00x |" in table and "| merge2x2 | – |" in table
 
 
 def test_tower_breakdown_parts_add_up():

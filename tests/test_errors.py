@@ -1,12 +1,14 @@
 """Bad input gets a clear error naming the argument, never a crash or a silent wrong answer (issue 9).
 
 One table: each case calls a public op with one thing wrong and names the exception type and the key words the
-message must contain. The checks themselves live once, in the C++ ops."""
+message must contain. The checks live in the C++ ops; the fake kernels repeat them for torch.compile, and the
+second half of this file checks that both raise the same error."""
 
 import re
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vlfuse import ops
 
@@ -162,3 +164,82 @@ def test_nan_and_inf_propagate():
     merged = ops.merge2x2(x, GRID, LN_W, LN_B)
     assert torch.isnan(merged[0, 6:12]).all()  # the token's own statistics become NaN: visible, not hidden
     assert torch.isfinite(merged[1]).all() and torch.isfinite(merged[0, :6]).all()
+
+
+# ---- the same bad calls traced with fake tensors (torch.compile's view) ---------------------------------------
+# The fake kernels repeat the C++ checks, so a call that fails in eager fails the same way while torch.compile
+# traces it. Left out: checks of tensor values (merge2x2's grid_thw rows; a fake tensor has none, the compiled
+# graph's C++ op checks them when it runs) and calls that fail in Python before any op (the vision helpers,
+# smart_resize, patchify's empty list).
+NOT_OP_CHECKS = ("vision_", "smart_resize", "patchify empty list", "merge2x2 grid odd", "merge2x2 grid negative",
+                 "merge2x2 grid tokens")
+FAKE_CASES = [c for c in CASES if not c[0].startswith(NOT_OP_CHECKS)]
+
+
+def _eager_error(call, exc):
+    with pytest.raises(exc) as info:
+        call()
+    return str(info.value)
+
+
+@pytest.mark.parametrize("call, exc, words", [c[1:] for c in FAKE_CASES], ids=[c[0] for c in FAKE_CASES])
+def test_fake_kernel_raises_the_eager_error(call, exc, words):
+    eager = _eager_error(call, exc)
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc) as info:
+        call()
+    assert str(info.value) == eager
+
+
+COMPILED_CASES = ["rope_qkv layout", "rope k dtype", "rope_cos_sin sin rows", "patchify height 30", "patch_embed K mismatch",
+                  "merge2x2 norm", "merge2x2 grid shape"]
+
+
+@pytest.mark.parametrize("case", COMPILED_CASES)
+def test_compiled_call_raises_the_eager_error(case):
+    _, call, exc, _ = next(c for c in CASES if c[0] == case)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        torch.compile(call, backend="eager", fullgraph=True)()
+    assert _eager_error(call, exc) in str(info.value)
+
+
+@pytest.mark.parametrize("k_start, shared", [(64, True), (128, False)])
+def test_fake_rope_inplace_sees_views_of_one_buffer(k_start, shared):
+    # rope_'s in-place checks read strides and storage offsets, which fake tensors keep: q and k as views of one
+    # buffer, overlapping or side by side.
+    def call(buffer, positions, freqs):
+        ops.rope_(buffer[:128].view(4, 2, 16), buffer[k_start : k_start + 128].view(4, 2, 16), positions, freqs)
+
+    buffer = torch.randn(256)
+    eager = _eager_error(lambda: call(buffer, POS, F), ValueError) if shared else call(buffer, POS, F)
+    with FakeTensorMode() as mode:
+        fakes = [mode.from_tensor(t) for t in (buffer, POS, F)]
+        if shared:
+            with pytest.raises(ValueError) as info:
+                call(*fakes)
+            assert str(info.value) == eager and "q and k share memory" in eager
+        else:
+            call(*fakes)
+
+
+G = torch.randn(4, 2, 16)
+MERGED = torch.randn(2, 24)
+STATS = torch.zeros(8)
+BACKWARD_CASES = [
+    ("rope_qkv_backward layout", lambda: torch.ops.vlfuse.rope_qkv_backward(G, G, G, POS, F, "sbhd"), ValueError),
+    ("rope_qkv_backward heads", lambda: torch.ops.vlfuse.rope_qkv_backward(G, G[:, :1], G, POS, F, "shd"), ValueError),
+    ("rope_qkv_backward grad_k dtype", lambda: torch.ops.vlfuse.rope_qkv_backward(G, G.double(), G, POS, F, "shd"), TypeError),
+    ("merge2x2_backward grad_out shape", lambda: torch.ops.vlfuse.merge2x2_backward(MERGED[:1], X, GRID, LN_W, STATS, STATS, "layernorm", "merge", 2, [True, True, True]), ValueError),
+    ("merge2x2_backward mean dtype", lambda: torch.ops.vlfuse.merge2x2_backward(MERGED, X, GRID, LN_W, STATS.double(), STATS, "layernorm", "merge", 2, [True, True, True]), ValueError),
+    ("merge2x2_backward rstd shape", lambda: torch.ops.vlfuse.merge2x2_backward(MERGED, X, GRID, LN_W, STATS, STATS[:4], "layernorm", "merge", 2, [True, True, True]), ValueError),
+    ("merge2x2_backward grad_out dtype", lambda: torch.ops.vlfuse.merge2x2_backward(MERGED.double(), X, GRID, LN_W, STATS, STATS, "layernorm", "merge", 2, [True, True, True]), TypeError),
+]
+
+
+@pytest.mark.parametrize("call, exc", [c[1:] for c in BACKWARD_CASES], ids=[c[0] for c in BACKWARD_CASES])
+def test_fake_backward_kernel_raises_the_eager_error(call, exc):
+    eager = _eager_error(call, exc)
+    assert re.search(r"vlfuse\.\w+_backward: ", eager), eager
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(exc) as info:
+        call()
+    assert str(info.value) == eager

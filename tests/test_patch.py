@@ -181,6 +181,29 @@ def test_instance_patch_logits_match_and_revert(family, ops_calls):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_tower_patch_logits_match_and_revert(family):
+    """tower=True: the whole vision tower runs on vlfuse's engine, on HF's own Parameter objects."""
+    model, inputs = _model(family), _inputs()
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_vision = _vision_out(model, inputs)
+    before = _state(model)
+    FAMILIES[family][0](model, tower=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        vision = _vision_out(model, inputs)
+    engine = _vision(model).__dict__["_vlfuse_tower"]
+    assert all(a is b for a, b in zip(engine.parameters(), _vision(model).parameters()))
+    torch.testing.assert_close(vision, ref_vision, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+    _assert_state_unchanged(model, before)
+    vlfuse.patch.revert(model)
+    assert "_vlfuse_tower" not in _vision(model).__dict__
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref_logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_class_patch_applies_to_models_built_after_and_reverts(family, ops_calls):
     module_name, embed_name, merger_name = MODELING[family]
     modeling = sys.modules[module_name]

@@ -28,7 +28,7 @@ constexpr int64_t kTileTokens = 16;
 
 // Rows are walked token by token, so the packed [S, 3 * H * D] side is sequential; the [H, S, D] ("hsd") side
 // (outputs of the forward, gradients read by the backward) scatters over 3 * H streams, more than the hardware
-// prefetchers follow, and without help the accesses miss and stall (bf16 ran 2x slower). Every row of the token
+// prefetchers follow, and without help the accesses miss and stall. Every row of the token
 // this far ahead is prefetched, for reading and for writing.
 constexpr int64_t kPrefetchTokens = 2;
 
@@ -95,7 +95,7 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
   }
   // A partial last vector, when the natural-order part has a whole one before it, is done as the whole vector
   // that ends the row, overlapping its neighbour: masked stores are avoided, as a later load that touches a
-  // masked store's full width waits for it to retire (in place, every row's first load did: 6x slower per row).
+  // masked store's full width waits for it to retire (in place, every row's first load did).
   // The overlap is written twice with the same bits (same inputs, same coefficients), and the last vector is
   // loaded before anything is stored, so an in-place row still reads only its original values.
   const int64_t rest = half - i;
@@ -227,7 +227,7 @@ void rope_impl(const Params& p) {
   // up: what the walk writes in one go must be a whole number of lines. A token's run (its row of an [H, S, D]
   // output, or all its heads of an [S, H, D] one) may be; where it is not but two adjacent tokens' runs are (bf16
   // [H, S, D] at D = 80: 160-byte rows, 320 bytes a pair), the walk takes tokens in pairs, each (tensor, head)
-  // writing both its rows before the next. Streaming half lines measured 1.1-2x slower than plain stores.
+  // writing both its rows before the next. Streaming half lines is slower than plain stores.
   bool lines_once = true, lines_paired = true;
   bool in_place = false;
   for (int t = 0; t < p.num_slots; ++t) {

@@ -4,6 +4,7 @@
     vlfuse.patch.qwen2_vl(model)      # this model's vision tower now runs on vlfuse ops
     vlfuse.patch.qwen2_5_vl()         # every Qwen2.5-VL model (built before or after) runs on vlfuse ops
     vlfuse.patch.revert(model)        # undo the first; vlfuse.patch.revert() undoes the second
+    vlfuse.patch.qwen2_vl(model, tower=True)   # the whole tower's forward runs on vlfuse's tower engine
 
 Three pieces of the vision tower are swapped, each for an op computing the same function:
 - the patch embedding (``PatchEmbed`` / ``Qwen2_5_VisionPatchEmbed``: view + Conv3d with kernel = stride)
@@ -52,6 +53,8 @@ class _Family:
     attention: str
     merger: str
     norm: str  # the merger's ln_q: "layernorm" or "rmsnorm"
+    tower: str  # the whole vision tower, for tower=True
+    hidden_order: str  # the order of the tower's last_hidden_state: "patch" or "window" (Qwen2.5-VL's)
 
 
 _FAMILIES = {
@@ -62,6 +65,8 @@ _FAMILIES = {
         attention="VisionAttention",
         merger="PatchMerger",
         norm="layernorm",
+        tower="Qwen2VisionTransformerPretrainedModel",
+        hidden_order="patch",
     ),
     "qwen2_5_vl": _Family(
         name="Qwen2.5-VL",
@@ -70,6 +75,8 @@ _FAMILIES = {
         attention="Qwen2_5_VLVisionAttention",
         merger="Qwen2_5_VLPatchMerger",
         norm="rmsnorm",
+        tower="Qwen2_5_VisionTransformerPretrainedModel",
+        hidden_order="window",
     ),
 }
 
@@ -114,6 +121,7 @@ def _qwen2_5_vl_merger_forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 _MERGER_FORWARDS = {"layernorm": _qwen2_vl_merger_forward, "rmsnorm": _qwen2_5_vl_merger_forward}
+_FAMILY_OF_TOWER = {family.tower: family for family in _FAMILIES.values()}
 
 # attention class -> its forward, compiled against module globals in which the rotary function is vlfuse's
 _ATTENTION_FORWARDS: dict[type, types.FunctionType] = {}
@@ -144,6 +152,35 @@ def _attention_forward(attention_cls: type) -> types.FunctionType:
     return forward
 
 
+_TOWER_ATTRIBUTE = "_vlfuse_tower"
+
+
+def _tower_forward(self: nn.Module, hidden_states: Tensor, grid_thw: Tensor, **kwargs):
+    """HF's vision tower forward, run by vlfuse's tower on the very same Parameter objects (built on first use).
+
+    hidden_states: [N, C * Tp * P * P] patches, grid_thw [items, 3] (read to the host once per call). Returns what
+    HF's tower returns: the merged tokens [N / m^2, out] (transformers 4.x), or an output with ``pooler_output``
+    (those) and ``last_hidden_state`` [N, width] in HF's order (transformers 5.x). HF's precomputed-metadata
+    kwargs (position_ids, cu_seqlens, window_index, ...) are not needed and are ignored."""
+    tower = self.__dict__.get(_TOWER_ATTRIBUTE)
+    if tower is None:
+        from .models.vision_tower import VisionTower
+
+        tower = VisionTower.from_hf(self, share_parameters=True)
+        tower.gradient_checkpointing = getattr(self, "gradient_checkpointing", False)
+        self.__dict__[_TOWER_ATTRIBUTE] = tower  # not a submodule: the state dict stays HF's
+    family = _FAMILY_OF_TOWER[type(self).__name__]
+    hidden, merged = tower.features(hidden_states.reshape(-1, tower.config.patch_dim), grid_thw,
+                                    hidden_order=family.hidden_order)
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return merged
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=merged)
+
+
 # ---- bookkeeping ---------------------------------------------------------------------------------------------
 
 # (owner object, attribute) -> the original value, for everything patched at class/module level
@@ -158,9 +195,8 @@ def _load(family: _Family) -> types.ModuleType:
             f"vlfuse.patch: patching {family.name} needs HF transformers (4.57 or 5.x), which could not be imported "
             f"({exc}); install it with `pip install transformers`"
         ) from exc
-    missing = [
-        n for n in (family.patch_embed, family.attention, family.merger, _ROTARY_FUNCTION) if not hasattr(module, n)
-    ]
+    names = (family.patch_embed, family.attention, family.merger, family.tower, _ROTARY_FUNCTION)
+    missing = [n for n in names if not hasattr(module, n)]
     if missing:
         import transformers
 
@@ -183,22 +219,25 @@ def _set_forward(module: nn.Module, forward: types.FunctionType) -> None:
 
 def _is_vlfuse_forward(module: nn.Module) -> bool:
     bound = module.__dict__.get("forward")
-    ours = {_patch_embed_forward, *_MERGER_FORWARDS.values(), *_ATTENTION_FORWARDS.values()}
+    ours = {_patch_embed_forward, _tower_forward, *_MERGER_FORWARDS.values(), *_ATTENTION_FORWARDS.values()}
     return isinstance(bound, types.MethodType) and bound.__func__ in ours
 
 
 def _patch(
-    key: str, model: nn.Module | None, patch_embed: bool, rotary: bool, merger: bool
+    key: str, model: nn.Module | None, patch_embed: bool, rotary: bool, merger: bool, tower: bool
 ) -> nn.Module | None:
     family = _FAMILIES[key]
     module = _load(family)
-    embed_cls, attention_cls, merger_cls = (
+    embed_cls, attention_cls, merger_cls, tower_cls = (
         getattr(module, family.patch_embed),
         getattr(module, family.attention),
         getattr(module, family.merger),
+        getattr(module, family.tower),
     )
     merger_forward = _MERGER_FORWARDS[family.norm]
     if model is None:
+        if tower:
+            _set_class_attr(tower_cls, "forward", _tower_forward)
         if patch_embed:
             _set_class_attr(embed_cls, "forward", _patch_embed_forward)
         if rotary:
@@ -209,7 +248,11 @@ def _patch(
 
     found = False
     for sub in model.modules():
-        if isinstance(sub, embed_cls):
+        if isinstance(sub, tower_cls):
+            found = True
+            if tower:
+                _set_forward(sub, _tower_forward)
+        elif isinstance(sub, embed_cls):
             found = True
             if patch_embed:
                 _set_forward(sub, _patch_embed_forward)
@@ -233,25 +276,39 @@ def _patch(
 
 
 def qwen2_vl(
-    model: nn.Module | None = None, *, patch_embed: bool = True, rotary: bool = True, merger: bool = True
+    model: nn.Module | None = None,
+    *,
+    patch_embed: bool = True,
+    rotary: bool = True,
+    merger: bool = True,
+    tower: bool = False,
 ) -> nn.Module | None:
     """Runs HF transformers' Qwen2-VL vision tower on vlfuse ops.
 
     model: a Qwen2VLForConditionalGeneration, Qwen2VLModel or the vision tower itself: its modules are patched in
     place and it is returned. None: the transformers classes are patched, for every Qwen2-VL model.
     patch_embed / rotary / merger: which pieces to swap (all by default). Weights are not touched.
+    tower: also route the whole vision tower's forward through vlfuse's tower (``vlfuse.models.VisionTower``) on
+    the same Parameter objects: a plan computed once per call, attention batched by segment length with no
+    S x S mask, no per-layer host reads. HF's forward hooks inside the tower (output_attentions, per-block
+    hidden states) are then not called.
     """
-    return _patch("qwen2_vl", model, patch_embed, rotary, merger)
+    return _patch("qwen2_vl", model, patch_embed, rotary, merger, tower)
 
 
 def qwen2_5_vl(
-    model: nn.Module | None = None, *, patch_embed: bool = True, rotary: bool = True, merger: bool = True
+    model: nn.Module | None = None,
+    *,
+    patch_embed: bool = True,
+    rotary: bool = True,
+    merger: bool = True,
+    tower: bool = False,
 ) -> nn.Module | None:
     """Runs HF transformers' Qwen2.5-VL vision tower on vlfuse ops (its merger's RMSNorm included).
 
     Arguments as in :func:`qwen2_vl`. Window attention, its token reordering and the SwiGLU MLPs stay HF's.
     """
-    return _patch("qwen2_5_vl", model, patch_embed, rotary, merger)
+    return _patch("qwen2_5_vl", model, patch_embed, rotary, merger, tower)
 
 
 def revert(model: nn.Module | None = None) -> nn.Module | None:
@@ -265,4 +322,5 @@ def revert(model: nn.Module | None = None) -> nn.Module | None:
     for sub in model.modules():
         if _is_vlfuse_forward(sub):
             del sub.forward
+        sub.__dict__.pop(_TOWER_ATTRIBUTE, None)
     return model

@@ -7,5 +7,5 @@ memory-bound op must move, or plain GEMMs of a compute-bound op's sizes.
 - ``core``: Case, Setup, Target and the comparison helpers;  ``workloads``: Qwen2-VL sizes and the inputs;
 - ``rope``, ``patchify``, ``merge``, ``model``: the cases of each family;  ``suite``: the case list;
 - ``runner``: check, compile, memory, interleaved timing;  ``timing``, ``memory``, ``machine``: the measurements;
-- ``report``: table, JSON and chart;  ``cli``: the ``bench`` command.
+- ``report``: table, JSON, chart and the markdown results pages;  ``cli``: the ``bench`` command.
 """

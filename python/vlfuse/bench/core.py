@@ -82,6 +82,10 @@ class Setup:
     # eager_params): the judge when vlfuse and the baseline disagree, since the baseline may be the inexact one
     reference: Callable[..., Any] | None = None
     reference_params: Sequence[Tensor] = ()
+    # more zero-argument calls timed interleaved with the implementations, each already in the case's pass (e.g.
+    # HF's model with vlfuse.patch, or the floor of plain GEMM and SDPA calls); not checked by the runner (the
+    # builder checks what needs checking), reported in the record's "extra_ms"
+    extras: dict[str, Callable[[], Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ def _hidden(case: Case, device: torch.device) -> torch.Tensor:
 
 def build_merge2x2(case: Case, device: torch.device) -> Setup:
     merge2x2 = vlfuse_op("merge2x2")
-    width = VISION.embed_dim * VISION.merge_size**2
+    width = VISION.embed_dim * VISION.spatial_merge_size**2
     x = _hidden(case, device)
     grid = grid_tensor(case.param("grid"), device)
     ln_q = torch.nn.LayerNorm(VISION.embed_dim, eps=1e-6).to(device=device, dtype=case.dtype)
@@ -66,9 +66,10 @@ def build_patch_merger(case: Case, device: torch.device) -> Setup:
     hf = hf_qwen2_vl()
     merger_class = vlfuse_op("PatchMerger")
     llm_width = LLM_WIDTH[case.param("model")]
-    hf_merger = hf.PatchMerger(dim=llm_width, context_dim=VISION.embed_dim, spatial_merge_size=VISION.merge_size)
+    merge = VISION.spatial_merge_size
+    hf_merger = hf.PatchMerger(dim=llm_width, context_dim=VISION.embed_dim, spatial_merge_size=merge)
     hf_merger = hf_merger.to(device=device, dtype=case.dtype)
-    merger = merger_class(llm_width, VISION.embed_dim, merge_size=VISION.merge_size).to(device=device, dtype=case.dtype)
+    merger = merger_class(llm_width, VISION.embed_dim, merge_size=merge).to(device=device, dtype=case.dtype)
     merger.load_state_dict(hf_merger.state_dict())
     x = _hidden(case, device)
     grid = grid_tensor(case.param("grid"), device)

@@ -1,4 +1,5 @@
-"""Output of a run: the printed table, the JSON file and the speedup bar chart."""
+"""Output of a run: the printed table, the JSON file, the speedup bar chart, and the markdown of the results pages
+(one per machine) and of the summary table across machines."""
 
 from __future__ import annotations
 
@@ -157,3 +158,153 @@ def plot_speedups(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---- markdown: a results page per machine and the summary table across machines ------------------------------
+
+MARKDOWN_LEGEND = (
+    "Speedups of vlfuse over HF transformers' own Qwen2-VL code (eager and `torch.compile`, same weights and inputs, "
+    "outputs checked equal first, or where HF eager is itself inexact checked against HF's code in float64), medians "
+    "of interleaved runs; *of limit* is the share of this machine's copy bandwidth (memory-bound ops, for the bytes "
+    "they must move) or of plain GEMMs of the same sizes, measured in the same run. Reproduce with "
+    "`python -m vlfuse bench --json FILE`."
+)
+
+
+def _device_words(machine: dict) -> str:
+    return " ".join(w for w in machine["device"].replace("(R)", "").replace("(TM)", "").split() if w != "Processor")
+
+
+def machine_title(machine: dict) -> str:
+    """The machine as its results page names it: for a CPU the model name, family and model numbers (the core
+    generation, which a VM's model name hides) and the vlfuse build it ran; for a GPU its name."""
+    if machine["device_type"] != "cpu":
+        return _device_words(machine)
+    parts = [_device_words(machine)]
+    if "cpu_family" in machine:
+        parts.append(f"family {machine['cpu_family']} model {machine['cpu_model']}")
+    else:
+        parts.append("family and model not recorded")
+    if machine.get("vlfuse_cpu_isa"):
+        parts.append(f"vlfuse {machine['vlfuse_cpu_isa']} build")
+    return ", ".join(parts)
+
+
+def machine_label(machine: dict) -> str:
+    """A short name for a table header, e.g. "AMD EPYC f25m17 AVX512_BF16"."""
+    words = [_device_words(machine)]
+    if "cpu_family" in machine:
+        words.append(f"f{machine['cpu_family']}m{machine['cpu_model']}")
+    if machine.get("vlfuse_cpu_isa"):
+        words.append(machine["vlfuse_cpu_isa"])
+    return " ".join(words)
+
+
+def _md_ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _md_f(value, fmt: str, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _md_limit(record: dict) -> str:
+    if record.get("pct_of_limit") is None:
+        return "–"
+    return f"{record['pct_of_limit']:.0f}% of {'copy' if record['limit_kind'] == 'bandwidth' else 'GEMM'}"
+
+
+def _md_target(record: dict) -> str:
+    if not record.get("target"):
+        return ""
+    return {True: "✅", False: "❌", None: "–"}[record.get("target_met")] + " " + record["target"]
+
+
+def format_markdown(report: dict, source: str) -> str:
+    """One machine's results as markdown: what was measured on what, every checked case's row, the cases not timed
+    and the notes. source names the JSON file the text is generated from."""
+    machine = report["machine"]
+    gemm = ", ".join(f"{k} {v:.3g}" for k, v in machine.get("gemm_tflops", {}).items())
+    lines = [
+        MARKDOWN_LEGEND,
+        "",
+        f"### {machine_title(machine)}, {machine['threads']} threads",
+        "",
+        f"torch {machine['torch']}, transformers {machine.get('transformers')}, run {machine.get('date_utc', '?')}; "
+        f"measured limits: copy {_md_f(machine.get('copy_gbs'), '.1f', ' GB/s')}, GEMM TFLOP/s {gemm}. "
+        f"Full results: `{source}`.",
+        "",
+        "| op | case | dtype | pass | vlfuse ms | HF eager ms | compile ms | vs eager | vs compile | achieved "
+        "| of limit | MiB vlfuse / eager | target |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+    ]
+    for r in report["results"]:
+        if r["check"] != "ok":
+            continue
+        mem = "–"
+        if r.get("mem_vlfuse_bytes") is not None:
+            mem = f"{r['mem_vlfuse_bytes'] / 2**20:.1f} / {r['mem_eager_bytes'] / 2**20:.1f}"
+        rate = "–" if r.get("vlfuse_rate") is None else f"{r['vlfuse_rate']:.3g} {r['rate_unit']}"
+        lines.append(
+            f"| {r['op']} | {r['case']} | {r['dtype']} | {r['pass']} | {_md_ms(r['vlfuse_ms'])} "
+            f"| {_md_ms(r['eager_ms'])} | {_md_ms(r['compile_ms'])} | {_md_f(r['speedup_eager'], '.2f', 'x')} "
+            f"| {_md_f(r['speedup_compile'], '.2f', 'x')} | {rate} | {_md_limit(r)} | {mem} | {_md_target(r)} |"
+        )
+    row = "{op} / {case} / {dtype} / {pass}"
+    skipped = [r for r in report["results"] if r["check"] != "ok"]
+    if skipped:
+        lines += [""] + [f"- not timed: {row.format(**r)}: {r['check']}" for r in skipped]
+    notes = sorted({f"{row.format(**r)}: {n}" for r in report["results"] for n in r.get("notes", [])})
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+# the op families of the summary, in the order of its rows: (label, ops whose records it covers)
+SUMMARY_OPS = (
+    ("rope_qkv", ("rope_qkv",)),
+    ("patch_embed", ("patch_embed",)),
+    ("embed_frames", ("embed_frames",)),
+    ("merge2x2", ("merge2x2",)),
+    ("PatchMerger (2B, 7B)", ("PatchMerger 2B", "PatchMerger 7B")),
+    ("vision tower", ("vision tower",)),
+    ("train step (tiny)", ("train step (tiny)",)),
+)
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.2f}"
+
+
+def _span(values: list[float]) -> str:
+    if not values:
+        return "–"
+    low, high = _ratio(min(values)), _ratio(max(values))
+    return f"{low}x" if low == high else f"{low}-{high}x"
+
+
+def format_summary(reports: Sequence[tuple[dict, str]]) -> str:
+    """One table across machines (reports: each run with the link to its results page): per op family, the range
+    of vlfuse's speedup over HF eager / over torch.compile across the checked cases (workloads, dtypes, passes)."""
+    if not reports:
+        return "No results yet: run `python -m vlfuse bench --json benchmarks/results/<device>.json`."
+    header = "| vs HF eager / vs torch.compile | " + " | ".join(
+        f"[{machine_label(r['machine'])}]({link})" for r, link in reports
+    )
+    lines = [header + " |", "|---|" + "---|" * len(reports)]
+    lines.append(
+        "| run (UTC), threads | "
+        + " | ".join(f"{r['machine'].get('date_utc', '?')[:10]}, {r['machine']['threads']}" for r, _ in reports)
+        + " |"
+    )
+    for label, ops in SUMMARY_OPS:
+        cells = []
+        for report, _ in reports:
+            checked = [r for r in report["results"] if r["op"] in ops and r["check"] == "ok"]
+            eager = [r["speedup_eager"] for r in checked if r.get("speedup_eager") is not None]
+            compiled = [r["speedup_compile"] for r in checked if r.get("speedup_compile") is not None]
+            cells.append(f"{_span(eager)} / {_span(compiled)}" if eager else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

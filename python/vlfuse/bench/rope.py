@@ -27,10 +27,10 @@ def build_rope_qkv(case: Case, device: torch.device) -> Setup:
     heads, head_dim = VISION.num_heads, VISION.head_dim
     count = tokens(case.param("grid"))
     qkv = torch.randn(count, 3 * heads * head_dim, device=device, dtype=case.dtype)
-    positions = vlfuse.ops.vision_positions(grid, VISION.merge_size)
+    positions = vlfuse.ops.vision_positions(grid, VISION.spatial_merge_size)
     freqs = vlfuse.ops.vision_rope_freqs(head_dim, device=device)
     rotary = hf.Qwen2VLVisionRotaryEmbedding(hf_vision_config()).to(device)
-    position_ids = get_vision_position_ids(grid, VISION.merge_size)
+    position_ids = get_vision_position_ids(grid, VISION.spatial_merge_size)
 
     def vlfuse_rope(qkv):
         return rope_qkv(qkv, positions, freqs, heads, "hsd")

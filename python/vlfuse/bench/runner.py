@@ -222,8 +222,10 @@ def run_case(case: Case, options: RunOptions) -> dict:
     timed: dict[str, Callable[[], object]] = dict(calls)
     if setup.limit is not None:
         timed["limit"] = setup.limit
+    timed.update({f"extra:{name}": call for name, call in setup.extras.items()})
     seconds = time_interleaved(timed, device, options.timing)
     _fill_timings(record, setup, seconds)
+    _fill_extras(record, seconds)
     if case.target is not None:
         record["target_met"] = case.target.met(record)
     if options.profile and setup.profile is not None:
@@ -306,6 +308,17 @@ def _fill_timings(record: dict, setup: Setup, seconds: dict[str, float]) -> None
             record["limit_ms"] = seconds["limit"] * 1e3
             record["limit_rate"] = setup.work / seconds["limit"] / scale
             record["pct_of_limit"] = 100.0 * seconds["limit"] / vlfuse_s
+
+
+def _fill_extras(record: dict, seconds: dict[str, float]) -> None:
+    extras = {name[6:]: value * 1e3 for name, value in seconds.items() if name.startswith("extra:")}
+    if not extras:
+        return
+    record["extra_ms"] = extras
+    vlfuse_ms = record["vlfuse_ms"]
+    record["notes"].append(
+        "; ".join(f"{name}: {ms:.4g} ms ({ms / vlfuse_ms:.2f}x vlfuse's time)" for name, ms in extras.items())
+    )
 
 
 def run_suite(cases: Sequence[Case], options: RunOptions) -> dict:

@@ -1,46 +1,36 @@
-"""The workloads every case is drawn from: Qwen2-VL's vision sizes and the image/video inputs of issue 7."""
+"""The workloads every case is drawn from: Qwen2-VL's sizes, read from the model package's presets (stated nowhere
+else), and the image/video inputs of issue 7."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from ..models.qwen2_vl.config import Qwen2VLConfig
 from .core import Unavailable
 
-
-@dataclass(frozen=True)
-class VisionSizes:
-    """Qwen2-VL's vision tower; the 2B and 7B models share it and differ only in the merger's output width."""
-
-    embed_dim: int = 1280
-    num_heads: int = 16
-    depth: int = 32
-    mlp_ratio: int = 4
-    in_channels: int = 3
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+# The published Qwen2-VL shapes. The 2B and 7B models share one vision tower and differ only in the merger's
+# output width (the LLM's hidden size).
+MODELS = {"2B": Qwen2VLConfig.preset("2b"), "7B": Qwen2VLConfig.preset("7b")}
+VISION = MODELS["2B"].vision
+LLM_WIDTH = {name: config.hidden_size for name, config in MODELS.items()}
 
 
-VISION = VisionSizes()
-LLM_WIDTH = {"2B": 1536, "7B": 3584}  # PatchMerger output width (the LLM's hidden size)
+def image_grid(height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
+    """grid_thw row (t, h, w in patches) of `frames` frames of height x width pixels: the processor pads the frames
+    to whole temporal patches (an image is one frame, repeated)."""
+    temporal = -(-frames // VISION.temporal_patch_size)
+    return (temporal, height // VISION.patch_size, width // VISION.patch_size)
 
-# name -> grid_thw rows (t, h, w in patches); 448 x 448 pixels = 32 x 32 patches of 14 pixels
-IMAGE_448 = (1, 32, 32)
+
+IMAGE_448 = image_grid(448, 448)
 WORKLOADS: dict[str, tuple[tuple[int, int, int], ...]] = {
     "1 image 448x448": (IMAGE_448,),
     "4 images 448x448": (IMAGE_448,) * 4,
     "16 images 448x448": (IMAGE_448,) * 16,
-    "video 16f 448x448": ((8, 32, 32),),  # 16 frames, two per temporal patch
+    "video 16f 448x448": (image_grid(448, 448, frames=16),),
+    # images of different sizes in one call (a training batch): the vision tower's segments of unequal length
+    "4 images, mixed sizes": tuple(image_grid(h, w) for h, w in ((448, 448), (336, 560), (224, 224), (560, 392))),
+    "16 images, mixed sizes": tuple(image_grid(112 + 56 * (i % 5), 112 + 56 * ((3 * i) % 7)) for i in range(16)),
 }
 
 
@@ -69,11 +59,11 @@ def hf_vision_config(depth: int = VISION.depth, llm_width: int = LLM_WIDTH["2B"]
         embed_dim=VISION.embed_dim,
         hidden_size=llm_width,
         num_heads=VISION.num_heads,
-        mlp_ratio=VISION.mlp_ratio,
+        mlp_ratio=int(VISION.mlp_ratio),
         in_channels=VISION.in_channels,
         patch_size=VISION.patch_size,
         temporal_patch_size=VISION.temporal_patch_size,
-        spatial_merge_size=VISION.merge_size,
+        spatial_merge_size=VISION.spatial_merge_size,
     )
     config._attn_implementation = "sdpa"
     return config

@@ -3,8 +3,8 @@
 ``ops``: rope_qkv, patch_embed, embed_frames, merge2x2 and the 2B PatchMerger at 16384 tokens (16 images of
 448 x 448; rope_qkv also at one image), against HF eager and torch.compile, each beside a copy of as many bytes
 (memory-bound ops) or plain GEMMs of its sizes (patch_embed, the merger) timed in the same loop.
-``tower``: the Qwen2-VL vision tower at depth 8 in bfloat16, one image and a mix of sizes, against HF's tower with
-the same weights (no torch.compile: inductor over the HF tower takes longer than the check's budget).
+``tower``: the suite's Qwen2-VL vision tower cases (one image, 4 images of mixed sizes; bfloat16) at depth 8, against
+HF's tower with the same weights (no torch.compile: inductor over the HF tower takes longer than the check's budget).
 ``--tiny`` shrinks every case to a few tokens, float32 and one block for a dry run on the CPU. The JSON (the
 ``vlfuse bench`` format, {machine, results}) is rewritten after every case.
 """
@@ -18,12 +18,10 @@ from dataclasses import replace
 import torch
 
 from vlfuse.bench import report, suite
-from vlfuse.bench.core import FWD, Case
+from vlfuse.bench.core import Case
 from vlfuse.bench.machine import machine_info
-from vlfuse.bench.model import TOWER_TARGET, build_vision_tower
 from vlfuse.bench.runner import RunOptions, run_case
 from vlfuse.bench.timing import TimingConfig
-from vlfuse.bench.workloads import WORKLOADS
 
 # in the order they run: the issue's targets first (rope_qkv and merge2x2 at >= 16k tokens bf16, patch_embed)
 OPS = (
@@ -39,38 +37,38 @@ OPS = (
     "embed_frames/4 images 448x448/bfloat16/fwd",
     "PatchMerger 2B/4 images 448x448/bfloat16/fwd",
 )
+TOWER = ("vision tower/1 image 448x448/bfloat16/fwd", "vision tower/4 images, mixed sizes/bfloat16/fwd")
 TOWER_DEPTH = 8
-MIXED = ("mixed: 448x448, 336x560, 224x224, video 4f 280x392", ((1, 32, 32), (1, 24, 40), (1, 16, 16), (2, 20, 28)))
 TINY_GRID = ((1, 4, 4),)
-TINY_MIXED = ((1, 4, 4), (1, 2, 4), (2, 2, 2))
+TINY_GRIDS = {"1 image 448x448": TINY_GRID, "4 images, mixed sizes": ((1, 4, 4), (1, 2, 4), (2, 2, 2))}
+
+
+def _suite_cases(ids: tuple[str, ...]) -> list[Case]:
+    by_id = {case.id: case for case in suite.all_cases()}
+    missing = [case_id for case_id in ids if case_id not in by_id]
+    if missing:
+        raise SystemExit(f"vlfuse.gpucheck.bench: the bench suite has no case {missing}")
+    return [by_id[case_id] for case_id in ids]
 
 
 def op_cases(tiny: bool) -> list[Case]:
-    by_id = {case.id: case for case in suite.all_cases()}
-    missing = [case_id for case_id in OPS if case_id not in by_id]
-    if missing:
-        raise SystemExit(f"vlfuse.gpucheck.bench: the bench suite has no case {missing}")
-    cases = [by_id[case_id] for case_id in OPS]
+    cases = _suite_cases(OPS)
     if tiny:
         cases = [_tiny(c, dict(c.params, grid=TINY_GRID)) for c in cases]
     return cases
 
 
+def tower_cases(tiny: bool) -> list[Case]:
+    cases = _suite_cases(TOWER)
+    if tiny:
+        return [_tiny(c, dict(c.params, grid=TINY_GRIDS[c.name], depth=1)) for c in cases]
+    return [replace(c, params=tuple(dict(c.params, depth=TOWER_DEPTH).items())) for c in cases]
+
+
 def _tiny(case: Case, params: dict) -> Case:
-    """The dry run's stand-in for a case: 16 tokens, float32 (a CPU without native bfloat16 GEMMs runs those ~50x
+    """The dry run's stand-in for a case: a few tokens, float32 (a CPU without native bfloat16 GEMMs runs those ~50x
     slower), the same builders and runner."""
     return replace(case, name=f"tiny stand-in for {case.name}", dtype=torch.float32, params=tuple(params.items()))
-
-
-def tower_cases(tiny: bool) -> list[Case]:
-    cases = [
-        Case("vision tower", name, torch.bfloat16, FWD, build_vision_tower, (("grid", grid), ("depth", TOWER_DEPTH)),
-             TOWER_TARGET[torch.bfloat16])
-        for name, grid in (("1 image 448x448", WORKLOADS["1 image 448x448"]), MIXED)
-    ]  # fmt: skip
-    if tiny:
-        cases = [_tiny(c, {"grid": grid, "depth": 1}) for c, grid in zip(cases, (TINY_GRID, TINY_MIXED))]
-    return cases
 
 
 def options(device: torch.device, group: str, tiny: bool) -> RunOptions:

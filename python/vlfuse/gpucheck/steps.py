@@ -588,7 +588,7 @@ def step_cuda_graph(ctx: Context, record: dict) -> None:
     elif not result.get("replay_matches"):
         _set(record, FAIL, f"replay differs from the eager tower (max relative error {result.get('max_err')})")
     else:
-        _set(record, OK, f"captured ({result['grid_on']} grid); replay {result['replay_ms']:.3f} ms vs eager "
+        _set(record, OK, f"captured ({result['form']}); replay {result['replay_ms']:.3f} ms vs eager "
              f"{result['eager_ms']:.3f} ms")  # fmt: skip
 
 

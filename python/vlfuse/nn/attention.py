@@ -2,70 +2,107 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops, reference
+from . import backends
 
-__all__ = ["RotaryAttention2D", "segment_attention"]
+__all__ = ["RotaryAttention2D", "SegmentLayout", "segment_attention"]
 
 
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class SegmentLayout:
+    """Attention segments of a packed token axis, as runs of equal-length segments.
+
+    groups: ((first token, segment count, segment length), ...): segment count x segment length tokens from the
+            first token on form that many consecutive segments of that length; the runs tile [0, tokens).
+    tokens: the total token count.
+
+    Plain host integers: building one reads the device at most once (``from_cu_seqlens``), using one reads nothing,
+    and under ``torch.compile(dynamic=True)`` the integers become symbolic, so other sizes reuse the graph.
+    """
+
+    groups: tuple[tuple[int, int, int], ...]
+    tokens: int
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Tensor) -> SegmentLayout:
+        """From cumulative boundaries [segments + 1] (0, ..., S): one host read; adjacent equal lengths form one run."""
+        bounds = cu_seqlens.detach().to("cpu", torch.int64).tolist()
+        groups: list[tuple[int, int, int]] = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            length = end - start
+            if length < 0:
+                raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+            if length == 0:
+                continue
+            if groups and groups[-1][2] == length:
+                groups[-1] = (groups[-1][0], groups[-1][1] + 1, length)
+            else:
+                groups.append((start, 1, length))
+        return cls(tuple(groups), bounds[-1] if bounds else 0)
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
     """Scaled dot-product attention restricted to segments of the packed token axis.
 
-    q, k, v:    [H, S, D]  (the "hsd" layout rope_qkv writes)
-    cu_seqlens: [segments + 1] integer, cumulative segment boundaries (0, ..., S)
-    returns:    [S, H * D]
+    q, k, v:  [H, S, D]  (the "hsd" layout rope_qkv writes)
+    segments: a SegmentLayout, or cu_seqlens [segments + 1] (0, ..., S) read once on the host
+    returns:  [S, H * D]
 
-    No Python loop over segments. When every segment has the same length (one image, the frames of one video,
-    several images of one size: the common cases), the segments become SDPA's batch axis, which does no wasted
-    work. Otherwise one SDPA call runs over all tokens with a block-diagonal boolean mask: it costs S^2 scores
-    instead of sum(len^2), but stays a single fused kernel call (no per-image launches or host round trips per
-    segment) and is what CPU SDPA supports; the only host read is the one equal-lengths test.
+    Each run of equal-length segments is one SDPA call over a view of q, k and v ([count, H, length, D]): no
+    S x S mask, no gather, and sum(length^2) scores in all. Lay equal lengths out next to each other (the vision
+    tower's plan does) and there is one call per distinct length.
     """
+    layout = segments if isinstance(segments, SegmentLayout) else SegmentLayout.from_cu_seqlens(segments)
     H, S, D = q.shape
-    if S == 0:
+    if layout.tokens != S:
+        raise ValueError(f"segment_attention: the segments cover {layout.tokens} tokens but q has {S}")
+    parts = []
+    for start, count, length in layout.groups:
+        end = start + count * length
+        qs, ks, vs = (t[:, start:end].view(H, count, length, D).transpose(0, 1) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qs, ks, vs)  # [count, H, length, D]
+        parts.append(out.transpose(1, 2).reshape(count * length, H * D))
+    if not parts:
         return q.new_empty(0, H * D)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    segments = lengths.numel()
-    if bool((lengths == lengths[0]).all()):
-        length = S // segments
-        q, k, v = (t.view(H, segments, length, D).transpose(0, 1) for t in (q, k, v))  # [segments, H, len, D]
-        out = F.scaled_dot_product_attention(q, k, v)
-        return out.permute(0, 2, 1, 3).reshape(S, H * D)
-    segment_id = torch.repeat_interleave(torch.arange(segments, device=q.device), lengths.to(q.device), output_size=S)
-    mask = segment_id[:, None] == segment_id[None, :]  # [S, S] block diagonal
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [H, S, D]
-    return out.transpose(0, 1).reshape(S, H * D)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class RotaryAttention2D(nn.Module):
     """qkv Linear -> fused split + RoPE-2D (``vlfuse.ops.rope_qkv``) -> attention within segments -> proj.
 
     State dict keys ``qkv.*`` and ``proj.*``, as HF Qwen2-VL's ``VisionAttention``, so its weights load as they are.
-    ``backend="eager"`` runs the same weights through ``vlfuse.reference.rope_qkv`` instead of the fused op.
+    ``backend="eager"`` runs the same weights through the eager reference (see :mod:`vlfuse.nn.backends`).
     """
 
     def __init__(self, dim: int, num_heads: int, bias: bool = True, backend: str = "vlfuse") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"RotaryAttention2D: dim {dim} is not divisible by num_heads {num_heads}")
-        if backend not in ("vlfuse", "eager"):
-            raise ValueError(f"RotaryAttention2D: backend must be 'vlfuse' or 'eager', got {backend!r}")
+        self.ops = backends.get(backend)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: Tensor, positions: Tensor, freqs: Tensor, cu_seqlens: Tensor) -> Tensor:
+    @property
+    def backend(self) -> str:
+        return self.ops.name
+
+    def forward(self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
         """x: [S, dim]; positions: [S, 2] (h, w) integer; freqs: [2, head_dim / 2] float32;
-        cu_seqlens: [segments + 1] (tokens attend within their segment). Returns [S, dim]."""
-        rope_qkv = ops.rope_qkv if self.backend == "vlfuse" else reference.rope_qkv
-        q, k, v = rope_qkv(self.qkv(x), positions, freqs, self.num_heads, out_layout="hsd")
-        return self.proj(segment_attention(q, k, v, cu_seqlens))
+        segments: a SegmentLayout or cu_seqlens [segments + 1] (tokens attend within their segment). Returns [S, dim]."""
+        return self.proj(self.attend(x, positions, freqs, segments))
+
+    def attend(self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
+        """The attention output before ``proj`` ([S, dim]), for callers that fold proj into something else."""
+        q, k, v = self.ops.rope_qkv(self.qkv(x), positions, freqs, self.num_heads, out_layout="hsd")
+        return segment_attention(q, k, v, segments)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"

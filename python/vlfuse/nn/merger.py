@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import merge2x2
+from . import backends
 
 __all__ = ["PatchMerger"]
 
@@ -23,16 +23,24 @@ class PatchMerger(nn.Module):
     context_dim: ViT width C
     norm:        "layernorm" (Qwen2-VL) or "rmsnorm" (Qwen2.5-VL); eps 1e-6 as in both
     order:       "merge" (tokens already in Qwen2-VL patch order) or "raster" (row-major frames; needs grid_thw)
+    backend:     "vlfuse" (the fused op) or "eager" (the reference; see vlfuse.nn.backends)
     """
 
     def __init__(
-        self, dim: int, context_dim: int, merge_size: int = 2, norm: str = "layernorm", order: str = "merge"
+        self,
+        dim: int,
+        context_dim: int,
+        merge_size: int = 2,
+        norm: str = "layernorm",
+        order: str = "merge",
+        backend: str = "vlfuse",
     ) -> None:
         super().__init__()
         if norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"vlfuse.nn.PatchMerger: norm must be 'layernorm' or 'rmsnorm', got {norm!r}")
         if order not in ("merge", "raster"):
             raise ValueError(f"vlfuse.nn.PatchMerger: order must be 'merge' or 'raster', got {order!r}")
+        self.ops = backends.get(backend)
         self.merge_size = merge_size
         self.norm = norm
         self.order = order
@@ -48,7 +56,7 @@ class PatchMerger(nn.Module):
     def forward(self, x: Tensor, grid_thw: Tensor | None = None) -> Tensor:
         """x: [S, context_dim], grid_thw: [items, 3] (t, h, w) or None for order="merge"
         -> [S / merge_size^2, dim]."""
-        merged = merge2x2(
+        merged = self.ops.merge2x2(
             x,
             grid_thw,
             self.ln_q.weight,
@@ -69,4 +77,4 @@ class PatchMerger(nn.Module):
         return F.linear(hidden, fc2.weight, fc2.bias)  # [S / m^2, dim]
 
     def extra_repr(self) -> str:
-        return f"merge_size={self.merge_size}, norm={self.norm!r}, order={self.order!r}"
+        return f"merge_size={self.merge_size}, norm={self.norm!r}, order={self.order!r}, backend={self.ops.name!r}"

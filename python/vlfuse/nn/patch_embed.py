@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from .. import ops
+from . import backends
 
 
 class PatchEmbed3d(nn.Module):
@@ -14,6 +15,7 @@ class PatchEmbed3d(nn.Module):
     (``proj.weight`` [E, C, Tp, P, P], plus ``proj.bias`` [E] when bias=True), so HF weights load unchanged.
 
     forward(patches [N, C * Tp * P * P]) -> [N, E] in the weight's dtype; embed_frames() takes raw frames.
+    backend: "vlfuse" (the fused op) or "eager" (the reference; see vlfuse.nn.backends)
     """
 
     def __init__(
@@ -23,8 +25,10 @@ class PatchEmbed3d(nn.Module):
         in_channels: int = 3,
         embed_dim: int = 1152,
         bias: bool = False,
+        backend: str = "vlfuse",
     ) -> None:
         super().__init__()
+        self.ops = backends.get(backend)
         self.patch_size = patch_size
         self.temporal_patch_size = temporal_patch_size
         self.in_channels = in_channels
@@ -41,7 +45,7 @@ class PatchEmbed3d(nn.Module):
         """patches [N, C * Tp * P * P] (or any shape whose last dims flatten to it, as HF's view allows) -> [N, E]."""
         if patches.dim() != 2:
             patches = patches.reshape(-1, self.patch_dim)
-        return ops.patch_embed(patches, self.proj.weight, self.proj.bias)
+        return self.ops.patch_embed(patches, self.proj.weight, self.proj.bias)
 
     def embed_frames(
         self,

@@ -2,16 +2,31 @@
 the gather of each m x m window of tokens into one row, the input of the patch merger's MLP.
 
 Statistics are computed in float32 (float64 for float64 inputs) whatever the input dtype; the normalized
-value is rounded to the input dtype once. Argument checks live in the C++ op (csrc/merge/merge.cpp); the fake
-kernels below only compute output shapes.
+value is rounded to the input dtype once. Argument checks live in the C++ ops (csrc/merge/merge.cpp); the fake
+kernels below repeat those a fake tensor can show (all but grid_thw's values), so torch.compile reports a bad call
+as eager does.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from .._native import call_op, register_autograd
+from ._checks import (
+    check,
+    check_choice,
+    check_dim,
+    check_float_tensor,
+    check_same_device,
+    check_type,
+    check_value,
+    dtype_name,
+    number,
+    shape,
+)
 
 __all__ = ["merge2x2"]
 
@@ -45,15 +60,75 @@ def merge2x2(
     return call_op(torch.ops.vlfuse.merge2x2.default, x, grid_thw, weight, bias, eps, norm, order, merge_size)[0]
 
 
-# ---- fake (meta) kernels: shapes only ------------------------------------------------------------------------
+# ---- fake (meta) kernels: the C++ checks (csrc/merge/merge.cpp), in its order, and the output shapes -----------
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _check_x(op, x, merge_size) -> None:
+    check_float_tensor(x, op, "x")
+    check_dim(x, 2, op, "x", "[tokens, channels]")
+    check_value(x.shape[1] > 0, op, "x must have at least one channel, got shape ", shape(x))
+    check_value(merge_size >= 1, op, "merge_size must be >= 1, got ", merge_size)
+    mm = merge_size * merge_size
+    check_value(
+        x.shape[0] % mm == 0, op, f"x has {x.shape[0]} tokens, which is not a multiple of merge_size^2 = ", mm
+    )
+
+
+def _check_param(op, t, name, x) -> None:
+    check_same_device(t, name, x, "x", op)
+    check_float_tensor(t, op, name)
+    check_value(
+        t.dim() == 1 and t.shape[0] == x.shape[1],
+        op,
+        f"{name} must be [channels] = [{x.shape[1]}], got shape ",
+        shape(t),
+    )
+
+
+def _check_grid(op, grid_thw, x, order) -> None:
+    """set_grid's checks but those of grid_thw's values, which only the C++ op can read."""
+    if grid_thw is None:
+        check_value(order == "merge", op, 'grid_thw is required for order="raster", got None')
+        return
+    check(
+        grid_thw.device == x.device or grid_thw.device.type == "cpu",
+        op,
+        f"grid_thw is on {grid_thw.device} but x is on {x.device}; grid_thw must be on x's device or on the CPU",
+    )
+    check_type(
+        grid_thw.dtype in (torch.int64, torch.int32), op, "grid_thw must be int64 or int32, got ",
+        dtype_name(grid_thw.dtype),
+    )
+    check_value(
+        grid_thw.dim() == 2 and grid_thw.shape[1] == 3,
+        op,
+        "grid_thw must be [items, 3] (t, h, w per image or video), got shape ",
+        shape(grid_thw),
+    )
+
+
+def _check_norm_and_order(op, norm, order) -> None:
+    check_choice(op, "norm", norm, ("layernorm", "rmsnorm"))
+    check_choice(op, "order", order, ("merge", "raster"))
+
+
 @torch.library.register_fake("vlfuse::merge2x2")
 def _(x, grid_thw, weight, bias, eps, norm, order, merge_size):
+    op = "merge2x2"
+    _check_norm_and_order(op, norm, order)
+    _check_x(op, x, merge_size)
+    check_value(math.isfinite(eps) and eps >= 0, op, "eps must be finite and >= 0, got ", number(eps))
+    check_value(
+        not (norm == "rmsnorm" and bias is not None), op, 'bias must be None for norm="rmsnorm" (RMSNorm has no bias)'
+    )
+    _check_param(op, weight, "weight", x)
+    if bias is not None:
+        _check_param(op, bias, "bias", x)
+    _check_grid(op, grid_thw, x, order)
     S, C = x.shape
     mm = merge_size * merge_size
     acc = _acc_dtype(x.dtype)
@@ -63,8 +138,36 @@ def _(x, grid_thw, weight, bias, eps, norm, order, merge_size):
 
 @torch.library.register_fake("vlfuse::merge2x2_backward")
 def _(grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, output_mask):
-    # Gradients that output_mask does not ask for come back as empty [0] tensors.
+    op = "merge2x2_backward"
+    _check_norm_and_order(op, norm, order)
+    _check_x(op, x, merge_size)
     S, C = x.shape
+    mm = merge_size * merge_size
+    check_same_device(grad_out, "grad_out", x, "x", op)
+    check_type(
+        grad_out.dtype == x.dtype, op, "grad_out has dtype ", dtype_name(grad_out.dtype), " but x has ",
+        dtype_name(x.dtype),
+    )
+    check_value(
+        grad_out.dim() == 2 and grad_out.shape[0] == S // mm and grad_out.shape[1] == mm * C,
+        op,
+        f"grad_out must be [tokens / merge_size^2, merge_size^2 * channels] = [{S // mm}, {mm * C}], got shape ",
+        shape(grad_out),
+    )
+    acc = _acc_dtype(x.dtype)
+    for stat, name in ((mean, "mean"), (rstd, "rstd")):
+        want = 0 if name == "mean" and norm == "rmsnorm" else S
+        check_same_device(stat, name, x, "x", op)
+        check_value(
+            stat.dtype == acc and stat.dim() == 1 and stat.shape[0] == want,
+            op,
+            f"{name} must be [{want}] {dtype_name(acc)} (as returned by merge2x2), got {dtype_name(stat.dtype)} "
+            "of shape ",
+            shape(stat),
+        )
+    _check_param(op, weight, "weight", x)
+    _check_grid(op, grid_thw, x, order)
+    # Gradients that output_mask does not ask for come back as empty [0] tensors.
     grad_x = x.new_empty((S, C) if output_mask[0] else (0,))
     grad_w = weight.new_empty((C,) if output_mask[1] else (0,))
     grad_b = weight.new_empty((C,) if output_mask[2] else (0,))

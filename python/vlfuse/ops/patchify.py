@@ -5,7 +5,7 @@ A patch is a [C, Tp, P, P] block flattened (channel, frame, row, column), as HF'
 its Conv3d weight [E, C, Tp, P, P] expects. Patches of one item with grid (t, h, w) run over temporal pairs,
 h-blocks, w-blocks, then the merge_size x merge_size window row-major (the order of the rotary positions), so the
 later 2 x 2 merge is contiguous. Argument checks live in the C++ ops (csrc/patchify/patchify.cpp); the fake
-kernels below only compute output shapes.
+kernels below repeat them (same conditions and messages), so torch.compile reports a bad call as eager does.
 """
 
 from __future__ import annotations
@@ -17,6 +17,18 @@ import torch
 from torch import Tensor
 
 from .._native import call_op, register_autograd, require_native
+from ._checks import (
+    FLOAT_DTYPES,
+    check,
+    check_dim,
+    check_float_tensor,
+    check_same_device,
+    check_type,
+    check_value,
+    dtype_name,
+    numbers,
+    shape,
+)
 
 __all__ = ["patch_embed", "patchify", "embed_frames", "smart_resize", "CLIP_MEAN", "CLIP_STD"]
 
@@ -120,23 +132,109 @@ def smart_resize(
     return h_bar, w_bar
 
 
-# ---- fake (meta) kernels: shapes only ------------------------------------------------------------------------
+# ---- fake (meta) kernels: the C++ checks (csrc/patchify/patchify.cpp), in its order, and the output shapes ------
+
+_MAX_CHANNELS = 4  # patchify::kMaxChannels
+
+
+def _check_extent(op, item, what, extent, factor) -> None:
+    nearest = max(factor, (extent + factor // 2) // factor * factor)
+    check_value(
+        extent > 0 and extent % factor == 0,
+        op,
+        f"frames[{item}] {what} {extent} is not a positive multiple of patch_size * merge_size = {factor}; the "
+        f"nearest valid {what} is {nearest} (resize first, e.g. to vlfuse.ops.smart_resize(height, width, "
+        f"factor={factor}))",
+    )
 
 
 @torch.library.register_fake("vlfuse::patchify")
 def _(frames, patch_size, temporal_patch_size, merge_size, mean, std, out_dtype):
+    op = "patchify"
+    check_value(len(frames) > 0, op, "frames must hold at least one [T, C, H, W] tensor, got an empty list")
+    check_value(patch_size > 0, op, "patch_size must be positive, got ", patch_size)
+    check_value(temporal_patch_size > 0, op, "temporal_patch_size must be positive, got ", temporal_patch_size)
+    check_value(merge_size > 0, op, "merge_size must be positive, got ", merge_size)
+    check_type(
+        out_dtype in FLOAT_DTYPES, op, "out_dtype must be float32, float64, float16 or bfloat16, got ",
+        dtype_name(out_dtype),
+    )
+    first = frames[0]
+    factor = patch_size * merge_size
+    for i, f in enumerate(frames):
+        check_type(
+            f.dtype == torch.uint8 or f.dtype in FLOAT_DTYPES,
+            op,
+            f"frames[{i}] must be uint8 or float32/float64/float16/bfloat16, got ",
+            dtype_name(f.dtype),
+        )
+        check_value(f.dim() == 4, op, f"frames[{i}] must be 4-D [T, C, H, W] (an image is T = 1), got shape ", shape(f))
+        check(
+            f.device == first.device,
+            op,
+            f"frames[{i}] is on {f.device} but frames[0] is on {first.device}; all frames must be on the same device",
+        )
+        check_type(
+            f.dtype == first.dtype,
+            op,
+            f"frames[{i}] has dtype {dtype_name(f.dtype)} but frames[0] has {dtype_name(first.dtype)}; all frames "
+            "must share one dtype",
+        )
+        check_value(
+            f.shape[1] == first.shape[1],
+            op,
+            f"frames[{i}] has {f.shape[1]} channels but frames[0] has {first.shape[1]}",
+        )
+        check_value(f.shape[0] > 0, op, f"frames[{i}] must have at least one frame, got shape ", shape(f))
+        _check_extent(op, i, "height", f.shape[2], factor)
+        _check_extent(op, i, "width", f.shape[3], factor)
+    channels = first.shape[1]
+    check_value(1 <= channels <= _MAX_CHANNELS, op, f"frames must have 1 to {_MAX_CHANNELS} channels, got ", channels)
+    check_value(len(mean) == channels, op, f"mean must have one value per channel ({channels}), got ", len(mean))
+    check_value(len(std) == channels, op, f"std must have one value per channel ({channels}), got ", len(std))
+    check_value(
+        all(s != 0.0 and math.isfinite(s) and math.isfinite(m) for m, s in zip(mean, std)),
+        op,
+        f"mean and std must be finite and std non-zero, got mean {numbers(mean)} and std {numbers(std)}",
+    )
     rows = 0
     for f in frames:
         rows += ((f.shape[0] + temporal_patch_size - 1) // temporal_patch_size) * (f.shape[2] // patch_size) * (
             f.shape[3] // patch_size
         )
-    channels = frames[0].shape[1]
-    return frames[0].new_empty((rows, channels * temporal_patch_size * patch_size * patch_size), dtype=out_dtype)
+    return first.new_empty((rows, channels * temporal_patch_size * patch_size * patch_size), dtype=out_dtype)
 
 
 @torch.library.register_fake("vlfuse::patch_embed")
 def _(patches, weight, bias):
-    return patches.new_empty((patches.shape[0], weight.shape[0]), dtype=weight.dtype)
+    op = "patch_embed"
+    check_float_tensor(patches, op, "patches")
+    check_dim(patches, 2, op, "patches", "[N, C * Tp * P * P]")
+    check_float_tensor(weight, op, "weight")
+    check_value(
+        weight.dim() >= 2,
+        op,
+        "weight must be the Conv3d weight [E, C, Tp, P, P] (or [E, K]), got shape ",
+        shape(weight),
+    )
+    check_same_device(weight, "weight", patches, "patches", op)
+    embed = weight.shape[0]
+    k = 0 if embed == 0 else weight.numel() // embed
+    check_value(
+        k == patches.shape[1],
+        op,
+        f"patches has {patches.shape[1]} values per patch but weight {shape(weight)} takes C * Tp * P * P = {k}",
+    )
+    if bias is not None:
+        check_same_device(bias, "bias", patches, "patches", op)
+        check_type(
+            bias.dtype == weight.dtype, op, f"bias has dtype {dtype_name(bias.dtype)} but weight has ",
+            dtype_name(weight.dtype),
+        )
+        check_value(
+            bias.dim() == 1 and bias.shape[0] == embed, op, f"bias must be [E] = [{embed}], got shape ", shape(bias)
+        )
+    return patches.new_empty((patches.shape[0], embed), dtype=weight.dtype)
 
 
 # ---- autograd --------------------------------------------------------------------------------------------------

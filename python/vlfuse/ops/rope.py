@@ -3,7 +3,8 @@ multi-axis rotary (1-D, 2-D and the LLM's 3-axis multimodal RoPE), and a drop-in
 
 Pairing is rotate-half: element i pairs with i + D/2. The angle of pair i for a token with integer positions
 pos[0..A) is sum_a pos[a] * freqs[a, i], in float32; the rotation is computed in float32 and cast back.
-Argument checks live in the C++ op (csrc/rope/rope.cpp); the fake kernels below only compute output shapes.
+Argument checks live in the C++ ops (csrc/rope/rope.cpp); the fake kernels below repeat them (same conditions
+and messages), so torch.compile reports a bad call as eager does.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._native import call_op, register_autograd, require_native
+from .._native import call_op, register_autograd
+from ._checks import check_dim, check_float_tensor, check_same_device, check_type, check_value, dtype_name, shape
 
 __all__ = ["rope_qkv", "rope", "rope_", "rope_cos_sin", "vision_rope_freqs", "vision_positions"]
 
@@ -37,33 +39,13 @@ def rope(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor
 
     positions: [S, A] integer, A in 1..4; freqs: [A, D / 2] float32. Returns new contiguous tensors.
     """
-    return call_op(torch.ops.vlfuse.rope.default, q, k, positions, freqs)
-
-
-class _RopeInplace(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor):
-        torch.ops.vlfuse.rope_(q, k, positions, freqs)
-        ctx.mark_dirty(q, k)
-        ctx.shapes = (q.shape, k.shape)
-        ctx.save_for_backward(positions, freqs)
-        return q, k
-
-    @staticmethod
-    def backward(ctx, grad_q: Tensor, grad_k: Tensor):
-        positions, freqs = ctx.saved_tensors
-        grads = _zeros_if_none(grad_q, grad_k, ctx.shapes)
-        gq, gk = call_op(torch.ops.vlfuse.rope.default, *grads, positions, freqs, True)
-        return gq, gk, None, None
+    return call_op(torch.ops.vlfuse.rope.default, q, k, positions, freqs, False)
 
 
 def rope_(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
     """In-place rope: rotates q [S, Hq, D] and k [S, Hk, D] where they are (unit stride on D, no overlapping
     memory). Returns (q, k). Differentiable w.r.t. q and k (not freqs) when they are non-leaf tensors."""
-    require_native()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
-        return _RopeInplace.apply(q, k, positions, freqs)
-    torch.ops.vlfuse.rope_(q, k, positions, freqs)
+    call_op(torch.ops.vlfuse.rope_.default, q, k, positions, freqs, False)
     return q, k
 
 
@@ -73,7 +55,7 @@ def rope_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor
     q: [S, Hq, D], k: [S, Hk, D]; cos, sin: [S, D] (any float dtype; used in float32).
     out = x * cos + rotate_half(x) * sin, computed in float32, returned in q's dtype.
     """
-    return call_op(torch.ops.vlfuse.rope_cos_sin.default, q, k, cos, sin)
+    return call_op(torch.ops.vlfuse.rope_cos_sin.default, q, k, cos, sin, False)
 
 
 def vision_rope_freqs(head_dim: int, theta: float = 10000.0, device: torch.device | str | None = None) -> Tensor:
@@ -125,38 +107,176 @@ def vision_positions(grid_thw: Tensor, merge_size: int = 2) -> Tensor:
     return torch.stack([hpos, wpos], dim=-1)
 
 
-# ---- fake (meta) kernels: shapes only ------------------------------------------------------------------------
+# ---- fake (meta) kernels: the C++ checks (csrc/rope/rope.cpp), in its order, and the output shapes ------------
+
+_MAX_AXES = 4  # rope::kMaxAxes
+
+
+def _check_angle_source(op, positions, freqs, tokens, head_dim, x, x_name) -> None:
+    check_same_device(positions, "positions", x, x_name, op)
+    check_same_device(freqs, "freqs", x, x_name, op)
+    check_type(
+        positions.dtype in (torch.int64, torch.int32),
+        op,
+        "positions must be int64 or int32, got ",
+        dtype_name(positions.dtype),
+    )
+    check_value(positions.dim() == 2, op, "positions must be 2-D [tokens, axes], got shape ", shape(positions))
+    check_value(
+        positions.shape[0] == tokens, op, "positions has ", positions.shape[0], " rows but ", x_name, " has ",
+        tokens, " tokens",
+    )
+    axes = positions.shape[1]
+    check_value(1 <= axes <= _MAX_AXES, op, "positions must have 1 to ", _MAX_AXES, " axes (columns), got ", axes)
+    check_type(
+        freqs.dtype in (torch.float32, torch.float64), op, "freqs must be float32 (or float64), got ",
+        dtype_name(freqs.dtype),
+    )
+    check_value(
+        freqs.dim() == 2 and freqs.shape[0] == axes and freqs.shape[1] == head_dim // 2,
+        op,
+        f"freqs must be [axes, head_dim / 2] = [{axes}, {head_dim // 2}], got shape ",
+        shape(freqs),
+    )
+
+
+def _check_qk(op, t, name, q=None) -> None:
+    """q [S, Hq, D] / k [S, Hk, D]; q is the tensor t must agree with, None for that first one."""
+    check_float_tensor(t, op, name)
+    check_dim(t, 3, op, name, "[tokens, heads, head_dim]")
+    if q is not None:
+        check_same_device(t, name, q, "q", op)
+        check_type(
+            t.dtype == q.dtype, op, name, " has dtype ", dtype_name(t.dtype), " but q has ", dtype_name(q.dtype)
+        )
+        check_value(
+            t.shape[0] == q.shape[0] and t.shape[2] == q.shape[2],
+            op,
+            f"{name} must be [tokens, heads, {q.shape[2]}] with {q.shape[0]} tokens like q, got shape ",
+            shape(t),
+        )
+    check_value(
+        t.shape[2] % 2 == 0 and t.shape[2] > 0, op, "head_dim (last dimension of ", name,
+        ") must be even and positive, got ", t.shape[2],
+    )
+
+
+def _parse_layout(op, out_layout) -> bool:
+    check_value(out_layout in _LAYOUTS, op, f'out_layout must be "shd" or "hsd", got "{out_layout}"')
+    return out_layout == "hsd"
+
+
+def _as_shd(t, hsd):
+    return t.transpose(0, 1) if hsd else t
 
 
 @torch.library.register_fake("vlfuse::rope_qkv")
 def _(qkv, positions, freqs, num_heads, out_layout):
+    op = "rope_qkv"
+    hsd = _parse_layout(op, out_layout)
+    check_float_tensor(qkv, op, "qkv")
+    check_dim(qkv, 2, op, "qkv", "[tokens, 3 * heads * head_dim]")
+    check_value(num_heads > 0, op, "num_heads must be positive, got ", num_heads)
+    width = qkv.shape[1]
+    check_value(
+        width % (3 * num_heads) == 0 and width > 0,
+        op,
+        f"last dimension of qkv must be 3 * num_heads * head_dim = 3 * {num_heads} * head_dim, got ",
+        width,
+    )
+    head_dim = width // (3 * num_heads)
+    check_value(head_dim % 2 == 0, op, "head_dim = qkv.size(1) / (3 * num_heads) must be even, got ", head_dim)
     S = qkv.shape[0]
-    D = qkv.shape[1] // (3 * num_heads)
-    shape = (num_heads, S, D) if out_layout == "hsd" else (S, num_heads, D)
-    return tuple(qkv.new_empty(shape) for _ in range(3))
+    _check_angle_source(op, positions, freqs, S, head_dim, qkv, "qkv")
+    shape_out = (num_heads, S, head_dim) if hsd else (S, num_heads, head_dim)
+    return tuple(qkv.new_empty(shape_out) for _ in range(3))
 
 
 @torch.library.register_fake("vlfuse::rope_qkv_backward")
 def _(grad_q, grad_k, grad_v, positions, freqs, out_layout):
-    if out_layout == "hsd":
-        H, S, D = grad_q.shape
-    else:
-        S, H, D = grad_q.shape
+    op = "rope_qkv_backward"
+    hsd = _parse_layout(op, out_layout)
+    gq, gk, gv = (_as_shd(g, hsd) for g in (grad_q, grad_k, grad_v))
+    _check_qk(op, gq, "grad_q")
+    _check_qk(op, gk, "grad_k", gq)
+    _check_qk(op, gv, "grad_v", gq)
+    check_value(
+        gk.shape[1] == gq.shape[1] and gv.shape[1] == gq.shape[1],
+        op,
+        "grad_q, grad_k and grad_v must have the same number of heads",
+    )
+    S, H, D = gq.shape
+    _check_angle_source(op, positions, freqs, S, D, gq, "grad_q")
     return grad_q.new_empty((S, 3 * H * D))
 
 
 @torch.library.register_fake("vlfuse::rope")
 def _(q, k, positions, freqs, inverse=False):
+    op = "rope"
+    _check_qk(op, q, "q")
+    _check_qk(op, k, "k", q)
+    _check_angle_source(op, positions, freqs, q.shape[0], q.shape[2], q, "q")
     return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+def _shares_memory(q, k) -> bool:
+    """Whether at::get_overlap_status(q, k) is not No: the same tensor, or non-empty tensors of one storage whose
+    byte ranges meet, or either not non-overlapping-and-dense (which the C++ status calls too hard to tell)."""
+    if q is k:
+        return True
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    if torch._debug_has_internal_overlap(q) != 0 or torch._debug_has_internal_overlap(k) != 0:
+        return True
+    if q.untyped_storage() is not k.untyped_storage():
+        return False
+    q_begin, k_begin = q.storage_offset() * q.element_size(), k.storage_offset() * k.element_size()
+    return q_begin < k_begin + k.numel() * k.element_size() and k_begin < q_begin + q.numel() * q.element_size()
 
 
 @torch.library.register_fake("vlfuse::rope_")
 def _(q, k, positions, freqs, inverse=False):
+    op = "rope_"
+    _check_qk(op, q, "q")
+    _check_qk(op, k, "k", q)
+    check_value(
+        q.stride(2) == 1 and k.stride(2) == 1,
+        op,
+        "the in-place rotation needs unit stride on head_dim for q and k, got strides ",
+        list(q.stride()),
+        " and ",
+        list(k.stride()),
+    )
+    for t, name in ((q, "q"), (k, "k")):
+        check_value(
+            torch._debug_has_internal_overlap(t) != 1,
+            op,
+            name,
+            " has overlapping memory (e.g. a zero stride from expand()); an in-place rotation needs distinct "
+            f"elements: pass {name}.contiguous()",
+        )
+    check_value(
+        not _shares_memory(q, k), op, "q and k share memory; the in-place rotation needs them to be distinct tensors"
+    )
+    _check_angle_source(op, positions, freqs, q.shape[0], q.shape[2], q, "q")
     return None
 
 
 @torch.library.register_fake("vlfuse::rope_cos_sin")
 def _(q, k, cos, sin, inverse=False):
+    op = "rope_cos_sin"
+    _check_qk(op, q, "q")
+    _check_qk(op, k, "k", q)
+    S, D = q.shape[0], q.shape[2]
+    for t, name in ((cos, "cos"), (sin, "sin")):
+        check_same_device(t, name, q, "q", op)
+        check_float_tensor(t, op, name)
+        check_value(
+            t.dim() == 2 and t.shape[0] == S and t.shape[1] == D,
+            op,
+            f"{name} must be [tokens, head_dim] = [{S}, {D}], got shape ",
+            shape(t),
+        )
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
@@ -267,6 +387,25 @@ def _rope_backward(ctx, grad_q, grad_k):
 
 
 register_autograd(torch.ops.vlfuse.rope.default, _rope_backward, _rope_setup)
+
+
+def _rope_inplace_setup(ctx, inputs, output):
+    q, k, positions, freqs, inverse = inputs
+    ctx.inverse = inverse
+    ctx.shapes = (q.shape, k.shape)
+    ctx.save_for_backward(positions, freqs)
+
+
+def _rope_inplace_backward(ctx, grad_q, grad_k):
+    positions, freqs = ctx.saved_tensors
+    grads = _zeros_if_none(grad_q, grad_k, ctx.shapes)
+    gq, gk = call_op(torch.ops.vlfuse.rope.default, *grads, positions, freqs, not ctx.inverse)
+    return gq, gk, None, None, None
+
+
+register_autograd(
+    torch.ops.vlfuse.rope_.default, _rope_inplace_backward, _rope_inplace_setup, mutated_args=(0, 1)
+)
 
 
 def _rope_cos_sin_setup(ctx, inputs, output):

@@ -100,7 +100,7 @@ def _runnable_others(samples: int = 5, interval: float = 0.1) -> int:
 
 def demo_threads() -> int:
     """The cores no other task is using, at least one: the demo's tensors are small, and intra-op threads that wait
-    on descheduled peers cost far more than they save (measured 16x slower at load 12 on 2 cores)."""
+    on descheduled peers cost far more than they save."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores - _runnable_others())
 

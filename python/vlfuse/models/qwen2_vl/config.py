@@ -42,6 +42,13 @@ class Qwen2VLVisionConfig:
     spatial_merge_size: int = 2
     hidden_act: str = "quick_gelu"
     rope_theta: float = 10000.0
+    # What the later generations change (defaults: Qwen2-VL). Qwen2.5-VL: RMSNorm, a gated (SwiGLU) MLP of its own
+    # width, attention within windows of window_size pixels except in the fullatt_block_indexes blocks.
+    norm: str = "layernorm"
+    intermediate_size: int | None = None
+    gated_mlp: bool = False
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -49,7 +56,12 @@ class Qwen2VLVisionConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return self.intermediate_size or int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def window_units(self) -> int:
+        """The attention window's side in merge units (0: every block attends over whole frames)."""
+        return self.window_size // self.spatial_merge_size // self.patch_size if self.window_size else 0
 
     @property
     def patch_dim(self) -> int:
@@ -61,10 +73,30 @@ class Qwen2VLVisionConfig:
             raise ValueError(f"vision embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
             raise ValueError(f"vision head_dim {self.head_dim} must be a multiple of 4 (2-D rotary over h and w)")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"vision norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.window_size and self.window_units < 1:
+            raise ValueError(
+                f"vision window_size {self.window_size} is smaller than one merge unit "
+                f"({self.spatial_merge_size * self.patch_size} pixels)"
+            )
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "Qwen2VLVisionConfig":
+        """From an HF vision config dict: Qwen2-VL's, or Qwen2.5-VL's (recognised by its ``out_hidden_size``:
+        there ``hidden_size`` is the ViT width and the merger projects to ``out_hidden_size``)."""
         names = {f.name for f in dataclasses.fields(cls)}
+        if "out_hidden_size" in d:
+            d = {
+                **{k: v for k, v in d.items() if k not in ("hidden_size", "out_hidden_size")},
+                "embed_dim": d["hidden_size"],
+                "hidden_size": d["out_hidden_size"],
+                "norm": "rmsnorm",
+                "gated_mlp": True,
+                "fullatt_block_indexes": tuple(d.get("fullatt_block_indexes") or ()),
+            }
+        if "in_chans" in d and "in_channels" not in d:
+            d = {**d, "in_channels": d["in_chans"]}
         kwargs = {k: v for k, v in d.items() if k in names}
         rope = d.get("rope_parameters") or {}
         if "rope_theta" in rope:
@@ -73,6 +105,10 @@ class Qwen2VLVisionConfig:
 
     def to_hf_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        defaults = type(self)()
+        for name in ("norm", "intermediate_size", "gated_mlp", "window_size", "fullatt_block_indexes"):
+            if d[name] == getattr(defaults, name):
+                del d[name]
         theta = d.pop("rope_theta")
         if float(self.mlp_ratio).is_integer():
             d["mlp_ratio"] = int(self.mlp_ratio)  # HF types it int; published configs write 4

@@ -13,7 +13,8 @@ from .checkpoint import read_state_dict, write_state_dict
 from .config import Qwen2VLConfig
 from .positions import rope_index, text_positions
 from .text import KVCache, TextModel
-from .vision import BACKENDS, VisionTransformer
+from ...nn.backends import BACKENDS
+from .vision import VisionTransformer
 
 __all__ = ["Qwen2VL", "Qwen2VLOutput"]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ... import ops, reference
+from ...nn import backends
 from .config import Qwen2VLConfig
 from .positions import mrope_freqs
 
@@ -55,7 +55,7 @@ class TextAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.backend = backend
+        self.ops = backends.get(backend)
         width = config.hidden_size
         self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=True)
@@ -71,10 +71,7 @@ class TextAttention(nn.Module):
         q = self.q_proj(x).view(B * L, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B * L, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.backend == "eager":
-            q, k = reference.rope(q, positions, freqs), reference.rope(k, positions, freqs)
-        else:
-            q, k = ops.rope(q, k, positions, freqs)
+        q, k = self.ops.rope(q, k, positions, freqs)
         q = q.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:

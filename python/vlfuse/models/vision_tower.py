@@ -1,0 +1,296 @@
+"""The vision tower of the Qwen VL family: patch embedding -> blocks (norm, RoPE-2D attention within each frame or
+window, norm, MLP) -> m x m patch merger. One definition, parameterized by what the generations change (see
+``Qwen2VLVisionConfig``: norm, MLP form and width, attention windows). Parameter names are HF's
+(``patch_embed.proj``, ``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1`` or ``gate_proj``/``up_proj``/``down_proj``,
+``merger.ln_q``, ...), so HF weights load unchanged.
+
+Each call computes a :class:`~vlfuse.models.vision_plan.VisionPlan` once from the grid (or takes one built ahead);
+every block reuses it, and nothing in the blocks reads the device back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..nn import PatchEmbed3d, PatchMerger, RotaryAttention2D, backends
+from ..nn.attention import SegmentLayout
+from .vision_plan import VisionPlan
+
+if TYPE_CHECKING:  # the config module's package imports this one
+    from .qwen2_vl.config import Qwen2VLVisionConfig
+
+__all__ = ["VisionTower", "activation"]
+
+
+def _quick_gelu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _quick_gelu_(x: Tensor) -> Tensor:
+    # x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: three in-place passes, no temporary
+    return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
+
+
+def _tanh_gelu(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# HF name -> (activation, the same in place)
+_ACTIVATIONS = {
+    "quick_gelu": (_quick_gelu, _quick_gelu_),
+    "gelu": (F.gelu, torch.ops.aten.gelu_),
+    "gelu_pytorch_tanh": (_tanh_gelu, lambda x: torch.ops.aten.gelu_(x, approximate="tanh")),
+    "gelu_new": (_tanh_gelu, lambda x: torch.ops.aten.gelu_(x, approximate="tanh")),
+    "silu": (F.silu, lambda x: F.silu(x, inplace=True)),
+}
+
+
+def activation(name: str, inplace: bool = False):
+    """The MLP activation by its HF name (inplace: the variant that overwrites its input)."""
+    try:
+        return _ACTIVATIONS[name][int(inplace)]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r} ({', '.join(_ACTIVATIONS)})") from None
+
+
+def _add_linear_(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
+    """x += h @ W^T + b in place: the residual add rides in the GEMM (addmm_'s beta = 1), with no [S, C] temporary."""
+    if linear.bias is not None:
+        x.add_(linear.bias)
+    return x.addmm_(h, linear.weight.t())
+
+
+class VisionMlp(nn.Module):
+    """fc2(act(fc1(x))) (Qwen2-VL)."""
+
+    def __init__(self, dim: int, hidden_dim: int, hidden_act: str) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.act = activation(hidden_act)
+        self.act_ = activation(hidden_act, inplace=True)
+
+    @property
+    def out(self) -> nn.Linear:
+        return self.fc2
+
+    def hidden(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """[S, hidden_dim]: what fc2 takes."""
+        return (self.act_ if inplace else self.act)(self.fc1(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.hidden(x))
+
+
+class GatedVisionMlp(nn.Module):
+    """down_proj(act(gate_proj(x)) * up_proj(x)) (Qwen2.5-VL's SwiGLU, with biases)."""
+
+    def __init__(self, dim: int, hidden_dim: int, hidden_act: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim)
+        self.up_proj = nn.Linear(dim, hidden_dim)
+        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.act = activation(hidden_act)
+        self.act_ = activation(hidden_act, inplace=True)
+
+    @property
+    def out(self) -> nn.Linear:
+        return self.down_proj
+
+    def hidden(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """[S, hidden_dim]: what down_proj takes."""
+        if inplace:
+            return self.act_(self.gate_proj(x)).mul_(self.up_proj(x))
+        return self.act(self.gate_proj(x)) * self.up_proj(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.hidden(x))
+
+
+def _norm(config: Qwen2VLVisionConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.embed_dim, eps=1e-6)
+    return nn.LayerNorm(config.embed_dim, eps=1e-6)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, config: Qwen2VLVisionConfig, backend: str) -> None:
+        super().__init__()
+        self.norm1 = _norm(config)
+        self.norm2 = _norm(config)
+        self.attn = RotaryAttention2D(config.embed_dim, config.num_heads, bias=True, backend=backend)
+        mlp = GatedVisionMlp if config.gated_mlp else VisionMlp
+        self.mlp = mlp(config.embed_dim, config.mlp_dim, config.hidden_act)
+
+    def forward(
+        self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout, inplace: bool = False
+    ) -> Tensor:
+        """x [S, C] -> [S, C]. inplace (inference only: nothing may need x's old value) updates x where it is: both
+        residual adds ride in the output projections' GEMMs and the activation overwrites its input, which saves
+        three passes over [S, C] and [S, mlp_dim] temporaries per block."""
+        if not inplace:
+            x = x + self.attn(self.norm1(x), positions, freqs, segments)
+            return x + self.mlp(self.norm2(x))
+        _add_linear_(x, self.attn.attend(self.norm1(x), positions, freqs, segments), self.attn.proj)
+        return _add_linear_(x, self.mlp.hidden(self.norm2(x), inplace=True), self.mlp.out)
+
+
+class VisionTower(nn.Module):
+    """``tower(pixel_values, grid_thw)``: pixel_values [N, C * Tp * P * P] (patches in Qwen2-VL order, as HF's
+    processors emit them), grid_thw [items, 3] (t, h, w in patches) -> merged tokens [N / m^2, hidden_size].
+
+    backend: "vlfuse" (fused ops) or "eager" (the same weights through the reference; see vlfuse.nn.backends).
+    """
+
+    def __init__(self, config: Qwen2VLVisionConfig, backend: str = "vlfuse") -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.ops = backends.get(backend)
+        self.patch_embed = PatchEmbed3d(
+            in_channels=config.in_channels,
+            embed_dim=config.embed_dim,
+            patch_size=config.patch_size,
+            temporal_patch_size=config.temporal_patch_size,
+            backend=backend,
+        )
+        self.blocks = nn.ModuleList(VisionBlock(config, backend) for _ in range(config.depth))
+        self.merger = PatchMerger(
+            config.hidden_size, config.embed_dim, merge_size=config.spatial_merge_size, norm=config.norm,
+            backend=backend,
+        )
+        full = set(config.fullatt_block_indexes)
+        self.windowed = tuple(bool(config.window_units) and i not in full for i in range(config.depth))
+        self.gradient_checkpointing = False
+
+    @property
+    def backend(self) -> str:
+        return self.ops.name
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embed.proj.weight.dtype
+
+    @classmethod
+    def from_hf(cls, hf_tower: nn.Module, backend: str = "vlfuse", share_parameters: bool = False) -> VisionTower:
+        """A tower holding the weights of HF's Qwen2-VL or Qwen2.5-VL vision tower (``model.visual``).
+
+        share_parameters: False copies them (an independent module on the same device and dtype); True makes the
+        new tower use HF's very Parameter objects (nothing is allocated; training either trains both).
+        """
+        from .qwen2_vl.config import Qwen2VLVisionConfig
+
+        config = Qwen2VLVisionConfig.from_hf_dict(hf_tower.config.to_dict())
+        parameters = dict(hf_tower.named_parameters())
+        if not share_parameters:
+            tower = cls(config, backend)
+            state = {k: v for k, v in hf_tower.state_dict().items() if not k.startswith("rotary_pos_emb.")}
+            tower.load_state_dict(state)
+            reference = next(iter(parameters.values()))
+            return tower.to(device=reference.device, dtype=reference.dtype)
+        with torch.device("meta"):
+            tower = cls(config, backend)
+        names = {name for name, _ in tower.named_parameters()}
+        if names != set(parameters):
+            raise ValueError(
+                f"vlfuse: {type(hf_tower).__name__}'s parameters do not match the tower's: "
+                f"missing {sorted(names - set(parameters))[:4]}, unexpected {sorted(set(parameters) - names)[:4]}"
+            )
+        for name, parameter in parameters.items():
+            owner, _, leaf = name.rpartition(".")
+            tower.get_submodule(owner)._parameters[leaf] = parameter
+        return tower
+
+    def rope_freqs(self, device: torch.device) -> Tensor:
+        """[2, head_dim / 2] float32 RoPE-2D frequency matrix (h pairs, then w pairs). Computed per call rather than
+        held as a buffer, which ``model.to(bfloat16)`` would round; override it to change the rotation."""
+        return self.ops.vision_rope_freqs(self.config.head_dim, self.config.rope_theta, device=device)
+
+    def plan(
+        self, grid_thw: Tensor | Sequence[Sequence[int]], max_tokens: int | None = None, device=None
+    ) -> VisionPlan:
+        """The plan of a call on grid_thw (see VisionPlan.build): build it ahead, e.g. in a data loader, and pass it
+        as ``plan=`` so that the forward reads nothing from the device."""
+        c = self.config
+        device = self.patch_embed.proj.weight.device if device is None else device
+        return VisionPlan.build(grid_thw, c.spatial_merge_size, c.window_units, device, max_tokens)
+
+    def _check(self, pixel_values: Tensor, plan: VisionPlan) -> None:
+        c = self.config
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != c.patch_dim:
+            raise ValueError(
+                f"pixel_values must be [patches, {c.patch_dim}] (C * Tp * P * P), got {tuple(pixel_values.shape)}"
+            )
+        if plan.merge_size != c.spatial_merge_size or (plan.window is None) != (c.window_units == 0):
+            raise ValueError(
+                f"the plan was built for merge size {plan.merge_size} and "
+                f"{'no windows' if plan.window is None else 'windowed attention'}; this tower needs merge size "
+                f"{c.spatial_merge_size} and {'windowed attention' if c.window_units else 'no windows'}: "
+                "build it with tower.plan(grid_thw)"
+            )
+        plan.check(pixel_values)
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        grid_thw: Tensor | Sequence[Sequence[int]] | None = None,
+        *,
+        plan: VisionPlan | None = None,
+        max_tokens: int | None = None,
+    ) -> Tensor:
+        """pixel_values [N, patch_dim]; grid_thw [items, 3], or plan= one built by :meth:`plan`;
+        max_tokens: encode in chunks of whole frames of at most that many patches (see VisionPlan.build).
+        Returns the merged tokens [N / m^2, hidden_size] in patch order."""
+        return self.features(pixel_values, grid_thw, plan=plan, max_tokens=max_tokens)[1]
+
+    def features(
+        self,
+        pixel_values: Tensor,
+        grid_thw: Tensor | Sequence[Sequence[int]] | None = None,
+        *,
+        plan: VisionPlan | None = None,
+        max_tokens: int | None = None,
+        hidden_order: str | None = None,
+    ) -> tuple[Tensor | None, Tensor]:
+        """As forward, also returning the last blocks' hidden states [N, embed_dim] when hidden_order says in which
+        order: "patch" (HF Qwen2-VL's last_hidden_state) or "window" (HF Qwen2.5-VL's); None skips them."""
+        if plan is None:
+            if grid_thw is None:
+                raise ValueError("VisionTower: pass grid_thw [items, 3] or a plan built by tower.plan(grid_thw)")
+            plan = self.plan(grid_thw, max_tokens)
+        elif max_tokens is not None:
+            raise ValueError("VisionTower: with a plan, give max_tokens to tower.plan(grid_thw, max_tokens) instead")
+        self._check(pixel_values, plan)
+        if not plan.chunks:
+            return self._run(pixel_values, plan, hidden_order)
+        parts = [self._run(pixel_values[start:end], chunk, hidden_order) for start, end, chunk in plan.chunks]
+        hidden = None if hidden_order is None else torch.cat([h for h, _ in parts])
+        return hidden, torch.cat([m for _, m in parts])
+
+    def _run(self, pixel_values: Tensor, plan: VisionPlan, hidden_order: str | None) -> tuple[Tensor | None, Tensor]:
+        units = plan.tokens // (plan.merge_size * plan.merge_size)
+        if plan.unit_order is not None:
+            pixel_values = pixel_values.reshape(units, -1)[plan.unit_order].reshape(plan.tokens, -1)
+        x = self.patch_embed(pixel_values)  # a new tensor: in inference the blocks may update it in place
+        freqs = self.rope_freqs(x.device)
+        training = torch.is_grad_enabled()
+        for block, windowed in zip(self.blocks, self.windowed):
+            segments = plan.window if windowed else plan.full
+            if self.gradient_checkpointing and training:
+                x = checkpoint(block, x, plan.positions, freqs, segments, use_reentrant=False)
+            else:
+                x = block(x, plan.positions, freqs, segments, inplace=not training)
+        merged = self.merger(x)
+        if plan.unit_restore is not None:
+            merged = merged[plan.unit_restore]
+        hidden = None
+        if hidden_order is not None:
+            order = {"patch": plan.unit_restore, "window": plan.window_order}[hidden_order]
+            hidden = x if order is None else x.reshape(units, -1)[order].reshape(plan.tokens, -1)
+        return hidden, merged
