@@ -16,8 +16,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/cuda_vec.cuh"
 #include "merge/merge.h"
-#include "cuda_vec.cuh"
 
 namespace vlfuse::merge {
 

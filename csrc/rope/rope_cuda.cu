@@ -7,8 +7,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "common/cuda_vec.cuh"
 #include "rope/rope.h"
-#include "cuda_vec.cuh"
 
 namespace vlfuse::rope {
 
