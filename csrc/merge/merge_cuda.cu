@@ -32,7 +32,7 @@ constexpr int kForwardWarps = 8;
 constexpr int kBackwardWarps = 4;
 constexpr size_t kSharedLimit = 48 * 1024;
 // Packs a lane may hold per row, and the registers it may spend on a token's rows (a 16-byte pack is 4): rows
-// wider than that stream. A lane holds exactly as many packs as the row needs, up to one of these counts.
+// wider than that stream. A lane holds the smallest of these counts that fits the row (5 for bf16 at C = 1280).
 constexpr int kTiles[] = {1, 2, 3, 4, 5, 6, 8, 10, 12, 16};
 constexpr int kHeldRegisters = 96;
 
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp)
         for (int e = 0; e < VEC; ++e) {
           const acc_t g = dy[e] * w[e];
           sg += g;
-          sgx += g * ((x[e] - mean) * rstd);
+          sgx += g * (x[e] - mean) * rstd;
         }
       }
     });
