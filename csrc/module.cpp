@@ -3,8 +3,8 @@
 // was built.
 #include <pybind11/pybind11.h>
 
-#include "common.h"
-#include "cpu_memory.h"
+#include "common/dispatch.h"
+#include "common/cpu_memory.h"
 
 #ifndef VLFUSE_CUDA_ARCHS
 #define VLFUSE_CUDA_ARCHS ""
@@ -54,7 +54,7 @@ static py::dict output_cache_stats() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vlfuse native kernels (operators are registered under torch.ops.vlfuse)";
   m.def("build_info", &build_info, "How the native library was built and which CPU kernels it runs");
-  m.def("output_cache_stats", &output_cache_stats, "Counters of the CPU output block cache (csrc/cpu_memory.h)");
+  m.def("output_cache_stats", &output_cache_stats, "Counters of the CPU output block cache (csrc/common/cpu_memory.h)");
   m.def("empty_output_cache", &vlfuse::cpu::empty_output_cache, "Returns the kept CPU output blocks to the system");
   m.def("set_output_cache_limit", &vlfuse::cpu::set_output_cache_limit, py::arg("bytes"),
         "Sets how many bytes of freed CPU output blocks are kept for reuse (0: none)");

@@ -402,10 +402,11 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, match):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("order", ["merge", "raster"])
-@pytest.mark.parametrize("channels", [40, 1280, 3 * 1024 + 8])
+@pytest.mark.parametrize("channels", [40, 1280, 3 * 1024 + 8, 5000])
 def test_cuda_matches_cpu_with_host_and_device_grids(dtype, norm, order, channels):
-    """Both grid placements (host: checked on the host; device: read on the GPU with no sync), each register
-    tiling of the CUDA kernel (channels), forward and backward against the CPU kernel."""
+    """Both grid placements (host: checked on the host; device: read on the GPU with no sync), the CUDA kernels'
+    ways of walking a row (channels: held in registers; streamed with the backward's partial sums in shared
+    memory; streamed with them in global memory, 5000), forward and backward against the CPU kernel."""
     grid = make_grid(BLOCK_GRIDS["image_and_video"], 2)
     x, weight, bias = make_inputs(grid, dtype, "cpu", channels=channels, norm=norm)
     leaves_cpu = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]

@@ -1,4 +1,4 @@
-"""The CPU output block cache (csrc/cpu_memory.h): freed op outputs of >= 1 MiB are kept and handed to the next
+"""The CPU output block cache (csrc/common/cpu_memory.h): freed op outputs of >= 1 MiB are kept and handed to the next
 output of about the same size; the values an op returns never depend on what a reused block held."""
 
 import os

@@ -251,7 +251,7 @@ def test_rope_qkv_backward_matches_autograd_through_reference():
 )
 def test_rope_qkv_outputs_of_huge_page_size_match_reference(dtype, layout, frames):
     # 16 x 80 heads and 8192 tokens: q, k, v and grad_qkv are >= 32 MiB each in float32, the size from which the
-    # CPU output cache maps its blocks 2 MiB-aligned with the huge-page hint (csrc/cpu_memory.h), and the calls
+    # CPU output cache maps its blocks 2 MiB-aligned with the huge-page hint (csrc/common/cpu_memory.h), and the calls
     # move more than the last-level cache holds, so they are written with streaming stores
     # (csrc/rope/rope_cpu.cpp; bf16 [H, S, D], 16384 tokens, by token pairs); values must not depend on either.
     qkv, pos, freqs, _ = make_qkv([[frames, 64, 64]], dtype, "cpu", heads=16, head_dim=80)

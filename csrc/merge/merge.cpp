@@ -6,8 +6,8 @@
 #include <optional>
 #include <string>
 
-#include "common.h"
-#include "cpu_memory.h"
+#include "common/dispatch.h"
+#include "common/cpu_memory.h"
 #include "merge/merge.h"
 
 VLFUSE_DECLARE_CPU_KERNEL(merge_forward_cpu_kernel, const ::vlfuse::merge::Params&)

@@ -52,11 +52,14 @@ C10_HOST_DEVICE inline T norm_grad_input(T g, T xhat, T rstd, T mean_g, T mean_g
 
 // Where the output rows of item `item` start: offsets[item] (an exclusive prefix sum of rows per item,
 // offsets[items] = S / m^2). Returns the item holding row r by binary search: the last i with offsets[i] <= r.
-C10_HOST_DEVICE inline int64_t find_item(const int64_t* offsets, int64_t items, int64_t r) {
-  int64_t lo = 0, hi = items;  // invariant: offsets[lo] <= r < offsets[hi]
+// I is the index type of this and the two functions below: int64_t on the CPU; the CUDA kernels pass 32-bit
+// values (their launches check that the tokens fit), since a 64-bit division is a subroutine call there.
+template <typename I>
+C10_HOST_DEVICE inline I find_item(const int64_t* offsets, I items, I r) {
+  I lo = 0, hi = items;  // invariant: offsets[lo] <= r < offsets[hi]
   while (hi - lo > 1) {
-    const int64_t mid = lo + (hi - lo) / 2;
-    if (offsets[mid] <= r) {
+    const I mid = lo + (hi - lo) / 2;
+    if (static_cast<I>(offsets[mid]) <= r) {
       lo = mid;
     } else {
       hi = mid;
@@ -67,29 +70,30 @@ C10_HOST_DEVICE inline int64_t find_item(const int64_t* offsets, int64_t items, 
 
 // Token index (row of x) of window slot k of output row r in raster order, for the item whose rows start at
 // row_begin and whose frames are h x w tokens. Tokens of an item start at row_begin * m^2 (m^2 per row).
-C10_HOST_DEVICE inline int64_t raster_token(int64_t r, int64_t row_begin, int64_t h, int64_t w, int64_t m,
-                                            int64_t k) {
-  const int64_t blocks_w = w / m;
-  const int64_t rows_per_frame = (h / m) * blocks_w;
-  const int64_t local = r - row_begin;
-  const int64_t frame = local / rows_per_frame;
-  const int64_t block = local - frame * rows_per_frame;
-  const int64_t hb = block / blocks_w, wb = block - hb * blocks_w;
-  const int64_t a = k / m, b = k - a * m;
+template <typename I>
+C10_HOST_DEVICE inline I raster_token(I r, I row_begin, I h, I w, I m, I k) {
+  const I blocks_w = w / m;
+  const I rows_per_frame = (h / m) * blocks_w;
+  const I local = r - row_begin;
+  const I frame = local / rows_per_frame;
+  const I block = local - frame * rows_per_frame;
+  const I hb = block / blocks_w, wb = block - hb * blocks_w;
+  const I a = k / m, b = k - a * m;
   return row_begin * m * m + frame * h * w + (hb * m + a) * w + wb * m + b;
 }
 
 // Token index of window slot k of output row r. For raster order, grid is grid_thw [items, 3] (t, h, w) with
 // row strides grid_stride and offsets its [items + 1] row prefix sums.
-C10_HOST_DEVICE inline int64_t source_token(Order order, int64_t r, int64_t k, int64_t m, const int64_t* grid,
-                                            int64_t grid_stride0, int64_t grid_stride1, const int64_t* offsets,
-                                            int64_t items) {
+template <typename I>
+C10_HOST_DEVICE inline I source_token(Order order, I r, I k, I m, const int64_t* grid, int64_t grid_stride0,
+                                      int64_t grid_stride1, const int64_t* offsets, I items) {
   if (order == Order::Merge) {
     return r * m * m + k;
   }
-  const int64_t item = find_item(offsets, items, r);
+  const I item = find_item<I>(offsets, items, r);
   const int64_t* g = grid + item * grid_stride0;
-  return raster_token(r, offsets[item], g[grid_stride1], g[2 * grid_stride1], m, k);
+  return raster_token<I>(r, static_cast<I>(offsets[item]), static_cast<I>(g[grid_stride1]),
+                         static_cast<I>(g[2 * grid_stride1]), m, k);
 }
 
 struct Params {

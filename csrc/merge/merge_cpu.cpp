@@ -22,7 +22,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu_vec.h"
+#include "common/cpu_vec.h"
 #include "merge/merge.h"
 
 namespace vlfuse::VLFUSE_ISA_NS {

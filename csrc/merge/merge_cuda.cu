@@ -1,11 +1,12 @@
 // CUDA norm + m x m merge kernels. One warp per token, visited in output order (slot = r * m^2 + k, so a
 // block's warps write consecutive segments of the merged rows): the warp reads the token once in 16-byte
-// vectors into registers (kLoads vectors per lane; rows too wide for that, or not 16-byte aligned, are re-read
-// per pass from L1/L2 instead), reduces its statistics with shuffles and writes the normalized values straight
-// into the merged row. Raster order locates each row's item by a binary search over per-item row offsets,
-// which are computed on the device when grid_thw lives there, so no path needs a host sync.
-// Backward: the same walk; each warp accumulates its weight/bias partial sums in its own shared-memory row,
-// each block reduces its warps into one partial row, and one small kernel sums those rows in a fixed order.
+// vectors into registers (kLoads packs per lane, kept in the input dtype; rows too wide for that, or not 16-byte
+// aligned, are re-read per pass from L1/L2 instead), reduces its statistics with shuffles and writes the
+// normalized values straight into the merged row. Raster order locates each row's item by a binary search over
+// per-item row offsets, which are computed on the device when grid_thw lives there, so no path needs a host sync.
+// Backward: the same walk in persistent blocks; each block stages the weight in shared memory, each warp
+// accumulates its weight/bias partial sums in its own shared-memory rows, each block reduces its warps into one
+// partial row, and one small kernel sums those rows in a fixed order.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -15,9 +16,12 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
 
+#include "common/cuda_vec.cuh"
 #include "merge/merge.h"
-#include "cuda_vec.cuh"
 
 namespace vlfuse::merge {
 
@@ -27,8 +31,20 @@ constexpr int kWarp = 32;
 constexpr int kForwardWarps = 8;
 constexpr int kBackwardWarps = 4;
 constexpr size_t kSharedLimit = 48 * 1024;
+// Packs a lane may hold per row, and the registers it may spend on a token's rows (a 16-byte pack is 4): rows
+// wider than that stream. A lane holds the smallest of these counts that fits the row (5 for bf16 at C = 1280).
+constexpr int kTiles[] = {1, 2, 3, 4, 5, 6, 8, 10, 12, 16};
+constexpr int kHeldRegisters = 96;
 
+using cuda::load_pack;
+using cuda::load_values;
 using cuda::Pack;
+using cuda::store_pack;
+
+// Most packs per lane that register mode holds for kRowsHeld rows (x; x and dy for the backward). float64 is
+// there for gradcheck, not speed: it always streams, which keeps its kernels few.
+template <typename scalar_t, int kRowsHeld>
+constexpr int kMaxLoads = std::is_same_v<scalar_t, double> ? 0 : kHeldRegisters / (4 * kRowsHeld);
 
 template <typename T>
 __device__ inline T warp_sum(T v) {
@@ -39,9 +55,8 @@ __device__ inline T warp_sum(T v) {
   return v;
 }
 
-template <typename scalar_t, typename acc_t, int VEC>
-__device__ inline void load_pack(const scalar_t* src, acc_t (&dst)[VEC]) {
-  const Pack<scalar_t, VEC> pk = *reinterpret_cast<const Pack<scalar_t, VEC>*>(src);
+template <typename acc_t, typename scalar_t, int VEC>
+__device__ inline void widen(const Pack<scalar_t, VEC>& pk, acc_t (&dst)[VEC]) {
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     dst[e] = static_cast<acc_t>(pk.v[e]);
@@ -49,13 +64,28 @@ __device__ inline void load_pack(const scalar_t* src, acc_t (&dst)[VEC]) {
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
-__device__ inline void store_pack(scalar_t* dst, const acc_t (&src)[VEC]) {
+__device__ inline Pack<scalar_t, VEC> narrow(const acc_t (&src)[VEC]) {
   Pack<scalar_t, VEC> pk;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     pk.v[e] = static_cast<scalar_t>(src[e]);
   }
-  *reinterpret_cast<Pack<scalar_t, VEC>*>(dst) = pk;
+  return pk;
+}
+
+// An empty asm that the compiler must assume rewrites the held packs: values it widened from them in the pass
+// before cannot be reused after this point, so each pass widens again (one instruction per value) instead of
+// keeping every widened value of every pass live at once, which doubled the registers of the bf16 kernels.
+template <typename scalar_t, int VEC, int kLoads>
+__device__ inline void rewiden_after_here(Pack<scalar_t, VEC> (&held)[kLoads]) {
+  static_assert(sizeof(Pack<scalar_t, VEC>) == sizeof(uint4));
+#pragma unroll
+  for (int l = 0; l < kLoads; ++l) {
+    uint4 bits;
+    memcpy(&bits, &held[l], sizeof(bits));
+    asm volatile("" : "+r"(bits.x), "+r"(bits.y), "+r"(bits.z), "+r"(bits.w));
+    memcpy(&held[l], &bits, sizeof(bits));
+  }
 }
 
 // Calls f(l, idx) for each VEC-wide pack idx of a row that this lane owns: idx = lane + 32 l. With
@@ -77,14 +107,44 @@ __device__ inline void for_lane_packs(int64_t packs, int lane, F&& f) {
   }
 }
 
+// The backward's shared-memory rows (the staged weight, each warp's weight and bias partial sums) hold channel
+// (lane + 32 j) * VEC + e, element e of the lane's j-th pack, at slot (j * VEC + e) * 32 + lane: the 32 lanes
+// touch 32 consecutive words at once (no bank conflicts), and a lane only ever touches slots = lane (mod 32).
+// A row has slots for whole rounds of 32 packs; those past the last channel stay zero.
+C10_HOST_DEVICE inline int64_t slot_row_size(int64_t channels, int vec) {
+  return (channels / vec + kWarp - 1) / kWarp * kWarp * vec;
+}
+
+template <int VEC>
+__device__ inline int64_t slot_of(int64_t idx, int e, int lane) {
+  return ((idx / kWarp) * VEC + e) * kWarp + lane;
+}
+
+template <int VEC>
+__device__ inline int64_t channel_of(int64_t slot) {
+  const int64_t lane = slot % kWarp, t = slot / kWarp;
+  return (lane + (t / VEC) * kWarp) * VEC + t % VEC;
+}
+
+// Output row r and window slot k of slot r * m^2 + k. 32-bit math (the launches check that the tokens fit):
+// a 64-bit division is a subroutine call, and the registers saved around such calls spilled.
+struct SlotPosition {
+  uint32_t r, k;
+};
+
+__device__ inline SlotPosition slot_position(const Params& p, int64_t slot) {
+  const uint32_t mm = static_cast<uint32_t>(p.merge_size * p.merge_size), s = static_cast<uint32_t>(slot);
+  return {s / mm, s % mm};
+}
+
 // Token of slot (r, k), or -1 when a device-side grid_thw was inconsistent with x (the check kernel has then
 // already raised a device assertion; the -1 only keeps this kernel in bounds).
 __device__ inline int64_t slot_token(const Params& p, int64_t slot) {
-  const int64_t mm = p.merge_size * p.merge_size;
-  const int64_t r = slot / mm;
-  const int64_t tok = source_token(p.order, r, slot - r * mm, p.merge_size, p.grid, p.grid_stride0,
-                                   p.grid_stride1, p.offsets, p.items);
-  return tok >= 0 && tok < p.tokens ? tok : -1;
+  const SlotPosition pos = slot_position(p, slot);
+  const uint32_t tok = source_token<uint32_t>(p.order, pos.r, pos.k, static_cast<uint32_t>(p.merge_size), p.grid,
+                                              p.grid_stride0, p.grid_stride1, p.offsets,
+                                              static_cast<uint32_t>(p.items));
+  return tok < p.tokens ? static_cast<int64_t>(tok) : -1;
 }
 
 // One thread: items are few (images and videos of one batch). Checks what the host checks for a host grid.
@@ -118,32 +178,39 @@ __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Par
   }
   const int64_t C = p.channels, packs = C / VEC;
   const scalar_t* xr = static_cast<const scalar_t*>(p.x) + tok * p.x_stride;
-  acc_t xv[kLoads > 0 ? kLoads : 1][VEC];
-  // Register mode: one read of the token; streaming mode: each pass below reloads its pack.
-  auto values = [&](int l, int64_t idx) -> acc_t(&)[VEC] {
-    if constexpr (kLoads == 0) {
-      load_pack<scalar_t, acc_t, VEC>(xr + idx * VEC, xv[0]);
-    }
-    return xv[l];
-  };
+  Pack<scalar_t, VEC> held[kLoads > 0 ? kLoads : 1];
   if constexpr (kLoads > 0) {
-    for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) { load_pack<scalar_t, acc_t, VEC>(xr + idx * VEC, xv[l]); });
+    for_lane_packs<kLoads>(packs, lane,
+                           [&](int l, int64_t idx) { held[l] = load_pack<scalar_t, VEC>(xr + idx * VEC); });
   }
+  // Register mode: one read of the token; streaming mode: each pass below reloads its pack.
+  auto values = [&](int l, int64_t idx, acc_t (&v)[VEC]) {
+    if constexpr (kLoads > 0) {
+      widen(held[l], v);
+    } else {
+      widen(load_pack<scalar_t, VEC>(xr + idx * VEC), v);
+    }
+  };
   acc_t mean0 = 0;
   if (p.norm == Norm::LayerNorm) {
     acc_t s = 0;
     for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
-      const auto& v = values(l, idx);
+      acc_t v[VEC];
+      values(l, idx, v);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         s += v[e];
       }
     });
     mean0 = warp_sum(s) / static_cast<acc_t>(C);
+    if constexpr (kLoads > 0) {
+      rewiden_after_here(held);
+    }
   }
   acc_t sd = 0, sd2 = 0;
   for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
-    const auto& v = values(l, idx);
+    acc_t v[VEC];
+    values(l, idx, v);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const acc_t d = v[e] - mean0;
@@ -151,6 +218,9 @@ __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Par
       sd2 += d * d;
     }
   });
+  if constexpr (kLoads > 0) {
+    rewiden_after_here(held);
+  }
   acc_t shift, var;
   corrected_moments<acc_t>(warp_sum(sd), warp_sum(sd2), static_cast<acc_t>(C), p.norm, shift, var);
   const acc_t mean = mean0 + shift;
@@ -159,14 +229,18 @@ __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Par
   const acc_t* bias = static_cast<const acc_t*>(p.bias);
   scalar_t* y = static_cast<scalar_t*>(p.out) + slot * C;
   for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
-    const auto& v = values(l, idx);
+    acc_t v[VEC], w[VEC], b[VEC] = {};
+    values(l, idx, v);
+    load_values(weight + idx * VEC, w);
+    if (bias != nullptr) {
+      load_values(bias + idx * VEC, b);
+    }
     acc_t o[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const int64_t c = idx * VEC + e;
-      o[e] = normalize<acc_t>(v[e], mean, rstd, weight[c], bias != nullptr ? bias[c] : acc_t(0));
+      o[e] = normalize<acc_t>(v[e], mean, rstd, w[e], b[e]);
     }
-    store_pack<scalar_t, acc_t, VEC>(y + idx * VEC, o);
+    store_pack(y + idx * VEC, narrow<scalar_t>(o));
   });
   if (lane == 0) {
     if (p.mean != nullptr) {
@@ -176,92 +250,141 @@ __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Par
   }
 }
 
-// partial: [rows, 2, C] weight and bias partial sums; with shared_acc each block writes one row (its warps
-// accumulate in shared memory), otherwise each warp accumulates straight into its own (zeroed) row.
-template <typename scalar_t, int VEC, int kLoads>
+// kShared: the block stages the weight in shared memory and (when weight or bias gradients are wanted) each
+// warp accumulates in its own shared rows, in the slot layout (slot_of); partial is then [blocks, 2, C], one
+// row per block. Otherwise (rows too wide for shared memory) the weight is read from global memory and each
+// warp accumulates straight into its own zeroed row of partial [blocks * warps, 2, C], in channel order.
+template <typename scalar_t, int VEC, int kLoads, bool kShared>
 __global__ void __launch_bounds__(kBackwardWarps* kWarp)
-    backward_kernel(const Params p, at::opmath_type<scalar_t>* partial, bool shared_acc) {
+    backward_kernel(const Params p, at::opmath_type<scalar_t>* partial, at::opmath_type<scalar_t> inv_c) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warps = blockDim.x / kWarp;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t C = p.channels, packs = C / VEC;
   const bool want_wb = p.grad_weight != nullptr || p.grad_bias != nullptr;
-  acc_t* acc_w = shared_acc ? reinterpret_cast<acc_t*>(smem_raw) + warp * 2 * C
-                            : partial + (static_cast<int64_t>(blockIdx.x) * warps + warp) * 2 * C;
-  acc_t* acc_b = acc_w + C;
-  if (shared_acc && want_wb) {
-    for (int64_t c = lane; c < 2 * C; c += kWarp) {
-      acc_w[c] = 0;
-    }
-  }
   const acc_t* weight = static_cast<const acc_t*>(p.weight);
-  const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
+  const int64_t row = slot_row_size(C, VEC);
+  acc_t* shared_weight = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* acc_w;
+  if constexpr (kShared) {
+    acc_w = shared_weight + row + warp * 2 * row;
+    if (want_wb) {
+      // Only this lane's own slots: no other lane touches them before the block's barrier.
+      for (int64_t s = lane; s < 2 * row; s += kWarp) {
+        acc_w[s] = 0;
+      }
+    }
+    for (int64_t s = threadIdx.x; s < row; s += blockDim.x) {
+      const int64_t c = channel_of<VEC>(s);
+      shared_weight[s] = c < C ? weight[c] : acc_t(0);
+    }
+    __syncthreads();
+  } else {
+    acc_w = partial + (static_cast<int64_t>(blockIdx.x) * warps + warp) * 2 * C;
+  }
+  acc_t* acc_b = acc_w + (kShared ? row : C);
+  auto acc_slot = [&](int64_t idx, int e) -> int64_t {
+    if constexpr (kShared) {
+      return slot_of<VEC>(idx, e, lane);
+    } else {
+      return idx * VEC + e;
+    }
+  };
+  auto weights = [&](int64_t idx, acc_t (&w)[VEC]) {
+    if constexpr (kShared) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        w[e] = shared_weight[slot_of<VEC>(idx, e, lane)];
+      }
+    } else {
+      load_values(weight + idx * VEC, w);
+    }
+  };
   for (int64_t slot = static_cast<int64_t>(blockIdx.x) * warps + warp; slot < p.tokens;
        slot += static_cast<int64_t>(gridDim.x) * warps) {
     const int64_t tok = slot_token(p, slot);
     if (tok < 0) {
       continue;
     }
-    const int64_t mm = p.merge_size * p.merge_size, r = slot / mm, k = slot - r * mm;
+    const SlotPosition pos = slot_position(p, slot);
     const scalar_t* xr = static_cast<const scalar_t*>(p.x) + tok * p.x_stride;
-    const scalar_t* dyr = static_cast<const scalar_t*>(p.grad_out) + r * p.grad_out_stride + k * C;
+    const scalar_t* dyr = static_cast<const scalar_t*>(p.grad_out) + pos.r * p.grad_out_stride + pos.k * C;
     const acc_t mean = p.mean != nullptr ? static_cast<const acc_t*>(p.mean)[tok] : acc_t(0);
     const acc_t rstd = static_cast<const acc_t*>(p.rstd)[tok];
-    acc_t xv[kLoads > 0 ? kLoads : 1][VEC], gv[kLoads > 0 ? kLoads : 1][VEC];
-    auto load = [&](int l, int64_t idx) {
-      load_pack<scalar_t, acc_t, VEC>(xr + idx * VEC, xv[l]);
-      load_pack<scalar_t, acc_t, VEC>(dyr + idx * VEC, gv[l]);
-    };
+    Pack<scalar_t, VEC> held_x[kLoads > 0 ? kLoads : 1], held_dy[kLoads > 0 ? kLoads : 1];
     if constexpr (kLoads > 0) {
-      for_lane_packs<kLoads>(packs, lane, load);
-    }
-    acc_t mean_g = 0, mean_gx = 0;
-    if (p.grad_x != nullptr) {
-      acc_t sg = 0, sgx = 0;
       for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
-        if constexpr (kLoads == 0) {
-          load(l, idx);
-        }
+        held_x[l] = load_pack<scalar_t, VEC>(xr + idx * VEC);
+        held_dy[l] = load_pack<scalar_t, VEC>(dyr + idx * VEC);
+      });
+    }
+    auto values = [&](int l, int64_t idx, acc_t (&x)[VEC], acc_t (&dy)[VEC]) {
+      if constexpr (kLoads > 0) {
+        widen(held_x[l], x);
+        widen(held_dy[l], dy);
+      } else {
+        widen(load_pack<scalar_t, VEC>(xr + idx * VEC), x);
+        widen(load_pack<scalar_t, VEC>(dyr + idx * VEC), dy);
+      }
+    };
+    // First pass: the weight and bias partial sums, and the row sums the input gradient needs.
+    acc_t sg = 0, sgx = 0;
+    for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
+      acc_t x[VEC], dy[VEC], w[VEC];
+      values(l, idx, x, dy);
+      if (want_wb) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const acc_t g = gv[l][e] * weight[idx * VEC + e];
-          sg += g;
-          sgx += g * (xv[l][e] - mean) * rstd;
-        }
-      });
-      mean_g = p.norm == Norm::LayerNorm ? warp_sum(sg) * inv_c : acc_t(0);
-      mean_gx = warp_sum(sgx) * inv_c;
-    }
-    for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
-      if constexpr (kLoads == 0) {
-        load(l, idx);
-      }
-      acc_t dx[VEC];
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int64_t c = idx * VEC + e;
-        const acc_t xhat = (xv[l][e] - mean) * rstd;
-        dx[e] = norm_grad_input<acc_t>(gv[l][e] * weight[c], xhat, rstd, mean_g, mean_gx);
-        if (want_wb) {
-          acc_w[c] += gv[l][e] * xhat;
-          acc_b[c] += gv[l][e];
+          acc_w[acc_slot(idx, e)] += dy[e] * ((x[e] - mean) * rstd);
+          acc_b[acc_slot(idx, e)] += dy[e];
         }
       }
       if (p.grad_x != nullptr) {
-        store_pack<scalar_t, acc_t, VEC>(static_cast<scalar_t*>(p.grad_x) + tok * C + idx * VEC, dx);
+        weights(idx, w);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          const acc_t g = dy[e] * w[e];
+          sg += g;
+          sgx += g * (x[e] - mean) * rstd;
+        }
       }
     });
-  }
-  if (shared_acc && want_wb) {
-    __syncthreads();
-    const acc_t* rows = reinterpret_cast<const acc_t*>(smem_raw);
-    for (int64_t c = threadIdx.x; c < 2 * C; c += blockDim.x) {
-      acc_t s = 0;
-      for (int w = 0; w < warps; ++w) {
-        s += rows[w * 2 * C + c];
+    if (p.grad_x == nullptr) {
+      continue;
+    }
+    if constexpr (kLoads > 0) {
+      rewiden_after_here(held_x);
+      rewiden_after_here(held_dy);
+    }
+    const acc_t mean_g = p.norm == Norm::LayerNorm ? warp_sum(sg) * inv_c : acc_t(0);
+    const acc_t mean_gx = warp_sum(sgx) * inv_c;
+    scalar_t* dxr = static_cast<scalar_t*>(p.grad_x) + tok * C;
+    for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
+      acc_t x[VEC], dy[VEC], w[VEC], dx[VEC];
+      values(l, idx, x, dy);
+      weights(idx, w);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        dx[e] = norm_grad_input<acc_t>(dy[e] * w[e], (x[e] - mean) * rstd, rstd, mean_g, mean_gx);
       }
-      partial[static_cast<int64_t>(blockIdx.x) * 2 * C + c] = s;
+      store_pack(dxr + idx * VEC, narrow<scalar_t>(dx));
+    });
+  }
+  if constexpr (kShared) {
+    if (want_wb) {
+      __syncthreads();
+      const acc_t* rows = shared_weight + row;
+      for (int64_t s = threadIdx.x; s < 2 * row; s += blockDim.x) {
+        const int64_t which = s >= row ? 1 : 0, c = channel_of<VEC>(s - which * row);
+        if (c < C) {
+          acc_t sum = 0;
+          for (int w = 0; w < warps; ++w) {
+            sum += rows[w * 2 * row + s];
+          }
+          partial[(static_cast<int64_t>(blockIdx.x) * 2 + which) * C + c] = sum;
+        }
+      }
     }
   }
 }
@@ -297,29 +420,36 @@ bool aligned16(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
 }
 
+// Calls f.template operator()<tile>() with the smallest tile of kTiles up to kMax that holds per_lane packs;
+// false when none does.
+template <int kMax, typename F, size_t... I>
+bool with_tile(int64_t per_lane, F&& f, std::index_sequence<I...>) {
+  return (... || [&] {
+    if constexpr (kTiles[I] <= kMax) {
+      if (per_lane <= kTiles[I]) {
+        f.template operator()<kTiles[I]>();
+        return true;
+      }
+    }
+    return false;
+  }());
+}
+
 // Calls launch.template operator()<VEC, kLoads>() with the widest vectors the row layout allows and the
-// fewest registers that hold a token's kRowsHeld rows (x; x and dy for the backward) within 128 values per lane,
-// or the streaming walk (kLoads = 0) when they do not fit: more would spill.
+// fewest packs per lane that hold a token's kRowsHeld rows, or the streaming walk (kLoads = 0) when they do
+// not fit in kHeldRegisters: more would spill or cost occupancy.
 template <typename scalar_t, int kRowsHeld, typename Launch>
 void with_tiling(const Params& p, bool rows_aligned, Launch&& launch) {
   constexpr int VEC = 16 / sizeof(scalar_t);
-  constexpr int kMaxLoads = 128 / (VEC * kRowsHeld);
   if (!rows_aligned || p.channels % VEC != 0) {
     launch.template operator()<1, 0>();
     return;
   }
   const int64_t per_lane = (p.channels / VEC + kWarp - 1) / kWarp;
-  if (per_lane <= 1) {
-    launch.template operator()<VEC, 1>();
-  } else if (per_lane <= 2) {
-    launch.template operator()<VEC, 2>();
-  } else if (per_lane <= 4 && kMaxLoads >= 4) {
-    launch.template operator()<VEC, (kMaxLoads >= 4 ? 4 : 0)>();
-  } else if (per_lane <= 8 && kMaxLoads >= 8) {
-    launch.template operator()<VEC, (kMaxLoads >= 8 ? 8 : 0)>();
-  } else if (per_lane <= 16 && kMaxLoads >= 16) {
-    launch.template operator()<VEC, (kMaxLoads >= 16 ? 16 : 0)>();
-  } else {
+  const bool held = with_tile<kMaxLoads<scalar_t, kRowsHeld>>(
+      per_lane, [&]<int kLoads>() { launch.template operator()<VEC, kLoads>(); },
+      std::make_index_sequence<std::size(kTiles)>());
+  if (!held) {
     launch.template operator()<VEC, 0>();
   }
 }
@@ -337,6 +467,11 @@ c10::DataPtr device_offsets(Params& p, cudaStream_t stream) {
   return offsets;
 }
 
+void check_token_count(const Params& p) {
+  TORCH_CHECK_VALUE(p.tokens <= std::numeric_limits<int32_t>::max(), "vlfuse.merge2x2: x has ", p.tokens,
+                    " tokens; the CUDA kernels index tokens in 32 bits (at most 2^31 - 1), split the input");
+}
+
 }  // namespace
 
 void merge_forward_cuda(const Params& params) {
@@ -347,12 +482,14 @@ void merge_forward_cuda(const Params& params) {
   if (p.tokens == 0) {
     return;
   }
+  check_token_count(p);
+  const int64_t blocks = (p.tokens + kForwardWarps - 1) / kForwardWarps;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, static_cast<at::ScalarType>(p.dtype),
                                   "vlfuse.merge2x2", [&] {
-    const bool rows_aligned = aligned16(p.x) && aligned16(p.out) && (p.x_stride * sizeof(scalar_t)) % 16 == 0;
+    const bool rows_aligned = aligned16(p.x) && aligned16(p.out) && (p.x_stride * sizeof(scalar_t)) % 16 == 0 &&
+                              aligned16(p.weight) && (p.bias == nullptr || aligned16(p.bias));
     with_tiling<scalar_t, 1>(p, rows_aligned, [&]<int VEC, int kLoads>() {
-      const int64_t blocks = (p.tokens + kForwardWarps - 1) / kForwardWarps;
-      forward_kernel<scalar_t, VEC, kLoads><<<blocks, kForwardWarps * kWarp, 0, stream>>>(p);
+      forward_kernel<scalar_t, VEC, kLoads><<<static_cast<unsigned>(blocks), kForwardWarps * kWarp, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -366,41 +503,58 @@ void merge_backward_cuda(const Params& params) {
   if (p.tokens == 0) {
     return;
   }
+  check_token_count(p);
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device_index));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, static_cast<at::ScalarType>(p.dtype),
                                   "vlfuse.merge2x2_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const bool rows_aligned = aligned16(p.x) && aligned16(p.grad_out) && aligned16(p.grad_x) &&
-                              (p.x_stride * sizeof(scalar_t)) % 16 == 0 &&
+                              aligned16(p.weight) && (p.x_stride * sizeof(scalar_t)) % 16 == 0 &&
                               (p.grad_out_stride * sizeof(scalar_t)) % 16 == 0;
     const bool want_wb = p.grad_weight != nullptr || p.grad_bias != nullptr;
-    const size_t row_bytes = 2 * p.channels * sizeof(acc_t);
-    // Each warp's weight/bias partial row lives in shared memory when at least one fits the default limit.
-    const int warps = static_cast<int>(std::clamp<int64_t>(kSharedLimit / row_bytes, 1, kBackwardWarps));
-    const bool shared_acc = want_wb && row_bytes <= kSharedLimit;
-    const size_t smem = shared_acc ? warps * row_bytes : 0;
     with_tiling<scalar_t, 2>(p, rows_aligned, [&]<int VEC, int kLoads>() {
-      auto* kernel = backward_kernel<scalar_t, VEC, kLoads>;
-      int per_sm = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * kWarp, smem));
-      const int64_t blocks =
-          std::min<int64_t>((p.tokens + warps - 1) / warps, static_cast<int64_t>(sms) * std::max(per_sm, 1));
-      const int64_t partial_rows = want_wb ? (shared_acc ? blocks : blocks * warps) : 0;
-      c10::DataPtr partial =
-          c10::cuda::CUDACachingAllocator::get()->allocate(std::max<size_t>(partial_rows * row_bytes, 1));
-      auto* partial_ptr = static_cast<acc_t*>(partial.get());
-      if (want_wb && !shared_acc) {
-        C10_CUDA_CHECK(cudaMemsetAsync(partial_ptr, 0, partial_rows * row_bytes, stream));
-      }
-      kernel<<<blocks, warps * kWarp, smem, stream>>>(p, partial_ptr, shared_acc);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (want_wb) {
-        const dim3 grid((p.channels + kWarp - 1) / kWarp, 2);
-        column_sum_kernel<acc_t><<<grid, dim3(kWarp, 8), 0, stream>>>(
-            partial_ptr, partial_rows, p.channels, static_cast<acc_t*>(p.grad_weight),
-            static_cast<acc_t*>(p.grad_bias));
+      // Shared memory: the staged weight row, plus each warp's weight and bias rows when those are wanted.
+      const size_t row_bytes = slot_row_size(p.channels, VEC) * sizeof(acc_t);
+      const int64_t rows_fit = static_cast<int64_t>(kSharedLimit / row_bytes);
+      const int rows_per_warp = want_wb ? 2 : 0;
+      const bool shared = 1 + rows_per_warp <= rows_fit;
+      const int warps = want_wb ? static_cast<int>(std::clamp<int64_t>((rows_fit - 1) / 2, 1, kBackwardWarps))
+                                : kBackwardWarps;
+      const size_t smem = shared ? (1 + rows_per_warp * warps) * row_bytes : 0;
+      auto launch = [&](auto* kernel) {
+        int per_sm = 0;
+        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * kWarp, smem));
+        const int64_t blocks =
+            std::min<int64_t>((p.tokens + warps - 1) / warps, static_cast<int64_t>(sms) * std::max(per_sm, 1));
+        const int64_t partial_rows = want_wb ? (shared ? blocks : blocks * warps) : 0;
+        const size_t partial_bytes = partial_rows * 2 * p.channels * sizeof(acc_t);
+        c10::DataPtr partial = c10::cuda::CUDACachingAllocator::get()->allocate(std::max<size_t>(partial_bytes, 1));
+        auto* partial_ptr = static_cast<acc_t*>(partial.get());
+        if (want_wb && !shared) {
+          C10_CUDA_CHECK(cudaMemsetAsync(partial_ptr, 0, partial_bytes, stream));
+        }
+        // 1 / C from the host: the device division's slow-path call cost a spill.
+        const acc_t inv_c = acc_t(1) / static_cast<acc_t>(p.channels);
+        kernel<<<static_cast<unsigned>(blocks), warps * kWarp, smem, stream>>>(p, partial_ptr, inv_c);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (want_wb) {
+          const dim3 grid((p.channels + kWarp - 1) / kWarp, 2);
+          column_sum_kernel<acc_t><<<grid, dim3(kWarp, 8), 0, stream>>>(
+              partial_ptr, partial_rows, p.channels, static_cast<acc_t*>(p.grad_weight),
+              static_cast<acc_t*>(p.grad_bias));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      };
+      // Rows held in registers are narrow enough for shared memory (see kHeldRegisters): only streaming
+      // kernels need the global-memory variant.
+      static_assert(3 * kMaxLoads<scalar_t, 2> * kWarp * VEC * sizeof(acc_t) <= kSharedLimit);
+      if constexpr (kLoads > 0) {
+        launch(backward_kernel<scalar_t, VEC, kLoads, true>);
+      } else if (shared) {
+        launch(backward_kernel<scalar_t, VEC, 0, true>);
+      } else {
+        launch(backward_kernel<scalar_t, VEC, 0, false>);
       }
     });
   });

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <vector>
 
-#include "common.h"
+#include "common/dispatch.h"
 #include "patchify/patchify.h"
 
 VLFUSE_DECLARE_CPU_KERNEL(patchify_cpu_kernel, const ::vlfuse::patchify::Params&)

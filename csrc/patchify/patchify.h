@@ -27,31 +27,29 @@ struct PatchPosition {
   int64_t pw;  // patch column (in patches)
 };
 
+// Position of the top-left patch of merge window `window` (counted over the item's windows, temporal pair
+// major) in an item of grid_h x grid_w patches per temporal pair. I is the index type: int64_t on the CPU;
+// the CUDA kernel passes 32-bit values (its launches are limited to 2^31 patches) to avoid 64-bit division.
+template <typename I>
+C10_HOST_DEVICE inline PatchPosition window_origin(I window, I grid_h, I grid_w, I merge) {
+  const I blocks_w = grid_w / merge;
+  const I per_pair = grid_h / merge * blocks_w;
+  const I t = window / per_pair;
+  const I block = window - t * per_pair;
+  const I hb = block / blocks_w;
+  const I wb = block - hb * blocks_w;
+  return {static_cast<int64_t>(t), static_cast<int64_t>(hb * merge), static_cast<int64_t>(wb * merge)};
+}
+
 // Position of the patch with index `local` within an item of grid_h x grid_w patches per temporal pair.
 C10_HOST_DEVICE inline PatchPosition patch_position(int64_t local, int64_t grid_h, int64_t grid_w, int64_t merge) {
   const int64_t window_size = merge * merge;
-  const int64_t per_pair = grid_h * grid_w;
-  const int64_t t = local / per_pair;
-  const int64_t r = local - t * per_pair;
-  const int64_t block = r / window_size;
-  const int64_t window = r - block * window_size;
-  const int64_t blocks_w = grid_w / merge;
-  const int64_t hb = block / blocks_w;
-  const int64_t wb = block - hb * blocks_w;
-  return {t, hb * merge + window / merge, wb * merge + window % merge};
-}
-
-// Coordinates of element e of a patch vector [C, Tp, P, P].
-struct PatchElement {
-  int64_t c, tp, py, px;
-};
-
-C10_HOST_DEVICE inline PatchElement patch_element(int64_t e, int64_t temporal, int64_t patch) {
-  const int64_t px = e % patch;
-  int64_t r = e / patch;
-  const int64_t py = r % patch;
-  r /= patch;
-  return {r / temporal, r % temporal, py, px};
+  const int64_t window = local / window_size;
+  const int64_t k = local - window * window_size;
+  PatchPosition pos = window_origin<int64_t>(window, grid_h, grid_w, merge);
+  pos.ph += k / merge;
+  pos.pw += k % merge;
+  return pos;
 }
 
 // Frame read for frame tp of temporal pair t of an item with `frames` frames (the last one repeats).

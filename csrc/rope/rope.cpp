@@ -3,8 +3,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
-#include "common.h"
-#include "cpu_memory.h"
+#include "common/dispatch.h"
+#include "common/cpu_memory.h"
 #include "rope/rope.h"
 
 VLFUSE_DECLARE_CPU_KERNEL(rope_cpu_kernel, const ::vlfuse::rope::Params&)

@@ -11,7 +11,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu_vec.h"
+#include "common/cpu_vec.h"
 #include "rope/rope.h"
 
 namespace vlfuse::VLFUSE_ISA_NS {

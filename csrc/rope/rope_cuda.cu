@@ -7,8 +7,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <limits>
+
+#include "common/cuda_vec.cuh"
 #include "rope/rope.h"
-#include "cuda_vec.cuh"
 
 namespace vlfuse::rope {
 
@@ -18,7 +20,26 @@ constexpr int kLanes = 64;
 constexpr int kMaxTokensPerBlock = 4;
 constexpr size_t kSharedLimit = 48 * 1024;
 
+using cuda::load_pack;
+using cuda::load_values;
 using cuda::Pack;
+using cuda::store_pack;
+
+// A token's coefficients in shared memory, by chunks of the VEC pairs one lane rotates at a time: c1[VEC],
+// s1[VEC], c2[VEC], s2[VEC], then kPad unused values, so the lane reads its chunk with 16-byte loads and lanes on
+// different chunks start on different banks.
+template <typename acc_t, int VEC>
+struct CoeffLayout {
+  static constexpr int kPad = VEC == 1 ? 0 : static_cast<int>(16 / sizeof(acc_t));
+  static constexpr int kChunk = 4 * VEC + kPad;
+  static constexpr int64_t bytes_per_token(int64_t half) {
+    return half / VEC * kChunk * static_cast<int64_t>(sizeof(acc_t));
+  }
+  // Coefficient `which` (0: c1, 1: s1, 2: c2, 3: s2) of pair i.
+  static __device__ int64_t index(int64_t i, int which) {
+    return i / VEC * kChunk + which * VEC + i % VEC;
+  }
+};
 
 template <typename acc_t>
 __device__ inline void sin_cos(acc_t a, acc_t* s, acc_t* c);
@@ -33,36 +54,39 @@ __device__ inline void sin_cos<double>(double a, double* s, double* c) {
   sincos(a, s, c);
 }
 
+// At least 4 blocks per SM: at most 64 registers a thread, 32 warps per SM. The chunk's coefficients, loaded at
+// once, would otherwise take the vector kernels to 72 registers and 24 warps.
 template <typename scalar_t, typename pos_t, bool kTable, int VEC>
-__global__ void __launch_bounds__(kLanes* kMaxTokensPerBlock) rope_kernel(const Params p) {
+__global__ void __launch_bounds__(kLanes* kMaxTokensPerBlock, 4) rope_kernel(const Params p) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Layout = CoeffLayout<acc_t, VEC>;
   using P = Pack<scalar_t, VEC>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t half = p.half;
-  acc_t* c1 = reinterpret_cast<acc_t*>(smem_raw) + threadIdx.y * 4 * half;
-  acc_t* s1 = c1 + half;
-  acc_t* c2 = s1 + half;
-  acc_t* s2 = c2 + half;
+  acc_t* coeffs = reinterpret_cast<acc_t*>(smem_raw + threadIdx.y * Layout::bytes_per_token(half));
   const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool active = s < p.tokens;
 
   if (active) {
     for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+      acc_t c1, s1, c2, s2;
       if constexpr (kTable) {
         const acc_t* cs = static_cast<const acc_t*>(p.cos) + s * p.cos_stride_s;
         const acc_t* sn = static_cast<const acc_t*>(p.sin) + s * p.sin_stride_s;
-        table_coeffs<acc_t>(cs[i], sn[i], cs[i + half], sn[i + half], p.inverse, c1[i], s1[i], c2[i], s2[i]);
+        table_coeffs<acc_t>(cs[i], sn[i], cs[i + half], sn[i + half], p.inverse, c1, s1, c2, s2);
       } else {
         const pos_t* pos = static_cast<const pos_t*>(p.positions) + s * p.pos_stride_s;
         const acc_t a = angle<acc_t, pos_t>(pos, p.pos_stride_a, static_cast<const acc_t*>(p.freqs), half,
                                             p.axes, i);
         acc_t sn, cs;
         sin_cos<acc_t>(a, &sn, &cs);
-        c1[i] = cs;
-        c2[i] = cs;
-        s1[i] = p.inverse ? -sn : sn;
-        s2[i] = s1[i];
+        c1 = c2 = cs;
+        s1 = s2 = p.inverse ? -sn : sn;
       }
+      coeffs[Layout::index(i, 0)] = c1;
+      coeffs[Layout::index(i, 1)] = s1;
+      coeffs[Layout::index(i, 2)] = c2;
+      coeffs[Layout::index(i, 3)] = s2;
     }
   }
   __syncthreads();
@@ -78,27 +102,29 @@ __global__ void __launch_bounds__(kLanes* kMaxTokensPerBlock) rope_kernel(const 
     const int64_t work = slot.heads * chunks;
     for (int64_t w = threadIdx.x; w < work; w += blockDim.x) {
       const int64_t h = w / chunks;
-      const int64_t i0 = (w - h * chunks) * VEC;
+      const int64_t chunk = w - h * chunks;
+      const int64_t i0 = chunk * VEC;
       const scalar_t* x = in + h * slot.in_stride_h;
       scalar_t* y = out + h * slot.out_stride_h;
       if (!slot.rotate) {
-        *reinterpret_cast<P*>(y + i0) = *reinterpret_cast<const P*>(x + i0);
+        store_pack(y + i0, load_pack<scalar_t, VEC>(x + i0));
         continue;
       }
-      const P lo = *reinterpret_cast<const P*>(x + i0);
-      const P hi = *reinterpret_cast<const P*>(x + half + i0);
+      const P lo = load_pack<scalar_t, VEC>(x + i0);
+      const P hi = load_pack<scalar_t, VEC>(x + half + i0);
+      acc_t c[4 * VEC];
+      load_values(coeffs + chunk * Layout::kChunk, c);
       P out_lo, out_hi;
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        const int64_t i = i0 + j;
         acc_t a, b;
-        rotate_pair<acc_t>(static_cast<acc_t>(lo.v[j]), static_cast<acc_t>(hi.v[j]), c1[i], s1[i], c2[i], s2[i], a,
-                           b);
+        rotate_pair<acc_t>(static_cast<acc_t>(lo.v[j]), static_cast<acc_t>(hi.v[j]), c[j], c[VEC + j],
+                           c[2 * VEC + j], c[3 * VEC + j], a, b);
         out_lo.v[j] = static_cast<scalar_t>(a);
         out_hi.v[j] = static_cast<scalar_t>(b);
       }
-      *reinterpret_cast<P*>(y + i0) = out_lo;
-      *reinterpret_cast<P*>(y + half + i0) = out_hi;
+      store_pack(y + i0, out_lo);
+      store_pack(y + half + i0, out_hi);
     }
   }
 }
@@ -120,27 +146,41 @@ bool can_vectorize(const Params& p, int vec) {
   return true;
 }
 
-template <typename scalar_t, typename pos_t, bool kTable>
-void launch_typed(const Params& p, cudaStream_t stream) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kVec = 16 / sizeof(scalar_t);
+template <typename scalar_t, typename pos_t, bool kTable, int VEC>
+void launch(const Params& p, cudaStream_t stream) {
+  using Layout = CoeffLayout<at::opmath_type<scalar_t>, VEC>;
+  auto kernel = rope_kernel<scalar_t, pos_t, kTable, VEC>;
+  const int64_t per_token = Layout::bytes_per_token(p.half);
   int tokens_per_block = kMaxTokensPerBlock;
-  while (tokens_per_block > 1 && tokens_per_block * 4 * p.half * sizeof(acc_t) > kSharedLimit) {
+  while (tokens_per_block > 1 && tokens_per_block * per_token > static_cast<int64_t>(kSharedLimit)) {
     tokens_per_block /= 2;
   }
-  const size_t smem = tokens_per_block * 4 * p.half * sizeof(acc_t);
-  TORCH_CHECK_VALUE(smem <= kSharedLimit, "vlfuse.rope: head_dim ", 2 * p.half,
-                    " is too large for the CUDA kernel (at most ", kSharedLimit / (2 * sizeof(acc_t)), ")");
-  const dim3 block(kLanes, tokens_per_block);
-  const dim3 grid(static_cast<unsigned>((p.tokens + tokens_per_block - 1) / tokens_per_block));
-  TORCH_CHECK_VALUE(grid.x > 0 && static_cast<int64_t>(grid.x) * tokens_per_block >= p.tokens,
-                    "vlfuse.rope: too many tokens for one launch: ", p.tokens);
-  if (can_vectorize<scalar_t>(p, kVec)) {
-    rope_kernel<scalar_t, pos_t, kTable, kVec><<<grid, block, smem, stream>>>(p);
-  } else {
-    rope_kernel<scalar_t, pos_t, kTable, 1><<<grid, block, smem, stream>>>(p);
+  const int64_t smem = tokens_per_block * per_token;
+  if (smem > static_cast<int64_t>(kSharedLimit)) {
+    // One token's coefficients take more than the default limit: opt in to what this GPU offers per block.
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.device_index));
+    TORCH_CHECK_VALUE(smem <= optin, "vlfuse.rope: head_dim ", 2 * p.half, " needs ", smem,
+                      " bytes of shared memory per token in the CUDA kernel, more than the ", optin,
+                      " this GPU offers per block (at most head_dim ", 2 * (optin / Layout::bytes_per_token(VEC)) * VEC,
+                      " on CUDA; the CPU kernel has no such limit)");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
+  const int64_t blocks = (p.tokens + tokens_per_block - 1) / tokens_per_block;
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "vlfuse.rope: too many tokens for one launch: ",
+                    p.tokens);
+  kernel<<<static_cast<unsigned>(blocks), dim3(kLanes, tokens_per_block), static_cast<size_t>(smem), stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename pos_t, bool kTable>
+void launch_typed(const Params& p, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (can_vectorize<scalar_t>(p, kVec)) {
+    launch<scalar_t, pos_t, kTable, kVec>(p, stream);
+  } else {
+    launch<scalar_t, pos_t, kTable, 1>(p, stream);
+  }
 }
 
 }  // namespace

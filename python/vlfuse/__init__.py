@@ -50,7 +50,7 @@ def build_info() -> dict:
 def output_cache_stats() -> dict:
     """Counters of the CPU output block cache: the ops keep freed output blocks of 1 MiB or more (up to
     ``limit_bytes``, env ``VLFUSE_CPU_OUTPUT_CACHE_MB``, default 1024) and hand them to later outputs, whose pages
-    are then already mapped (see csrc/cpu_memory.h). Keys: limit_bytes, cached_bytes, cached_blocks, live_bytes,
+    are then already mapped (see csrc/common/cpu_memory.h). Keys: limit_bytes, cached_bytes, cached_blocks, live_bytes,
     reused, mapped, released."""
     require_native()
     return dict(native.output_cache_stats())

@@ -1,44 +1,17 @@
-// Shared by every op: argument checks that name the argument, the dtype dispatch, and the choice of the
-// CPU kernel built for the best instruction set the running CPU supports.
+// The hand-off from an op front to its kernels: the CPU kernel built for the best instruction set the running
+// CPU supports (each *_cpu.cpp is compiled once per ISA, see CMakeLists.txt), or the CUDA kernel.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 
 #include <cctype>
 #include <cstdlib>
 #include <string>
 #include <type_traits>
 
+#include "common/checks.h"
+
 namespace vlfuse {
-
-// TORCH_CHECK with the op's name first, so every message reads "vlfuse.<op>: <argument> ...".
-#define VLFUSE_CHECK(cond, op, ...) TORCH_CHECK((cond), "vlfuse.", op, ": ", __VA_ARGS__)
-#define VLFUSE_CHECK_VALUE(cond, op, ...) TORCH_CHECK_VALUE((cond), "vlfuse.", op, ": ", __VA_ARGS__)
-#define VLFUSE_CHECK_TYPE(cond, op, ...) TORCH_CHECK_TYPE((cond), "vlfuse.", op, ": ", __VA_ARGS__)
-
-// fp32, fp64 (for gradcheck), fp16 and bf16; one kernel template serves them all.
-#define VLFUSE_DISPATCH_FLOATING(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
-  VLFUSE_CHECK_TYPE(is_supported_float(t.scalar_type()), op, name,
-                    " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
-}
-
-inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* shape) {
-  VLFUSE_CHECK_VALUE(t.dim() == dim, op, name, " must be ", dim, "-D ", shape, ", got shape ", t.sizes());
-}
-
-inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name,
-                              const char* op) {
-  VLFUSE_CHECK(a.device() == b.device(), op, a_name, " is on ", a.device(), " but ", b_name, " is on ",
-               b.device(), "; all tensors must be on the same device");
-}
 
 // Which copy of the CPU kernels runs: the best one this CPU supports, capped by ATEN_CPU_CAPABILITY
 // (default / avx2 / avx512) so that one variable steers vlfuse exactly as it steers PyTorch. AVX512_BF16 (AVX512

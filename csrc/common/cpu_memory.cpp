@@ -1,6 +1,6 @@
 // The output block cache of cpu_memory.h: a c10::Allocator whose blocks are anonymous mappings, kept on free
 // (up to a byte limit) and handed to later outputs of about the same size.
-#include "cpu_memory.h"
+#include "common/cpu_memory.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
