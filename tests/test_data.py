@@ -159,3 +159,18 @@ def test_pixel_statistics_match_a_direct_computation(corpus):
     np.testing.assert_allclose(std, pixels.std(0), atol=1e-5)
     with pytest.raises(ValueError, match="no images or video frames"):
         pixel_statistics([{"images": [], "videos": []}])
+
+
+def test_each_shape_is_centred_in_one_merge_window():
+    import random
+
+    from vlfuse.train.synthetic import COLOURS, SHAPES, shape_image
+
+    rng = random.Random(0)
+    for i in range(200):
+        image = shape_image(rng, SHAPES[i % len(SHAPES)], list(COLOURS)[i % len(COLOURS)])
+        pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+        rows, cols = (pixels.min(-1).values < 200).nonzero(as_tuple=True)  # the background is >= 225 everywhere
+        for lo, hi in ((int(rows.min()), int(rows.max())), (int(cols.min()), int(cols.max()))):
+            window = 28 * ((lo + hi) // 2 // 28)  # it reaches at most 2 px (its jitter) into the next windows
+            assert window - 2 <= lo and hi <= window + 29 and hi - lo >= 16, (i, image.size, lo, hi)

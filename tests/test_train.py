@@ -258,15 +258,33 @@ def test_unknown_config_field_is_an_error(corpus, tmp_path):
         Trainer(config(corpus, tmp_path, optim={"learning_rate": 1.0}), stage=1)
 
 
-def test_demo_configs_match_the_yaml_files():
+def test_demo_runs_the_yaml_configs_in_its_own_folders(tmp_path):
     from vlfuse.train import config as config_mod
-    from vlfuse.train.demo import stage_config
+    from vlfuse.train.demo import STAGE_SEED_STRIDE, STAGES, config_dir, stage_config
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    for stage in (1, 2, 3):
-        assert config_mod.load(root / f"tiny_stage{stage}.yaml") == config_mod.resolve(
-            stage_config(stage, "data/synthetic", "runs/tiny")
-        )
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    for stage in STAGES:
+        yaml_config = config_mod.load(config_dir() / f"tiny_stage{stage}.yaml")
+        demo = stage_config(stage, data, runs, seed=2)
+        assert demo["seed"] == yaml_config["seed"] + 2 * STAGE_SEED_STRIDE
+        assert demo["data"]["train"] == str(data / "train.jsonl") and demo["output"] == str(runs / f"stage{stage}")
+        assert demo["model"]["init"] == (None if stage == 1 else str(runs / f"stage{stage - 1}" / "final"))
+        for key in ("seed", "output"):
+            demo[key] = yaml_config[key]
+        demo["data"]["train"], demo["model"]["init"] = yaml_config["data"]["train"], yaml_config["model"]["init"]
+        assert demo == yaml_config
+    with pytest.raises(ValueError, match="stage must be one of"):
+        stage_config(4, data, runs)
+
+
+def test_demo_bench_table_is_the_quick_bench_called_as_a_library(monkeypatch):
+    from vlfuse.bench import cli as bench_cli
+    from vlfuse.train import demo
+
+    calls = []
+    monkeypatch.setattr(bench_cli, "run_bench", lambda **options: calls.append(options) or 0)
+    code, seconds = demo.run_bench()
+    assert code == 0 and seconds >= 0 and calls == [{"quick": True}]
 
 
 def test_corpus_normalisation_is_measured_saved_and_inherited(corpus, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
 
 def add_parser(subparsers) -> None:
@@ -44,47 +45,82 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_bench(
+        quick=args.quick,
+        patterns=args.cases,
+        json_path=args.json,
+        plot_path=args.plot,
+        list_only=args.list,
+        device=args.device,
+        threads=args.threads,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        min_sample_ms=args.min_sample_ms,
+        max_call_s=args.max_call_s,
+        compile=not args.no_compile,
+        memory=not args.no_memory,
+        profile=not args.no_profile,
+    )
+
+
+def run_bench(
+    quick: bool = False,
+    patterns: Sequence[str] = (),
+    json_path: str | None = None,
+    plot_path: str | None = None,
+    list_only: bool = False,
+    device: str | None = None,
+    threads: int | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    min_sample_ms: float | None = None,
+    max_call_s: float | None = None,
+    compile: bool = True,
+    memory: bool = True,
+    profile: bool = True,
+) -> int:
+    """The ``bench`` command as a function (the options of ``vlfuse bench``; None: the command's default): prints
+    the table, writes the JSON / chart when asked; returns the exit code (1 when a case failed its check)."""
     import torch
 
     from . import report, suite
     from .runner import RunOptions, failed, run_suite
     from .timing import TimingConfig
 
-    cases = suite.select(suite.all_cases(), quick=args.quick, patterns=args.cases)
-    if args.list:
+    cases = suite.select(suite.all_cases(), quick=quick, patterns=patterns)
+    if list_only:
         for case in cases:
             print(case.id)
         return 0
     if not cases:
         print("vlfuse bench: no case matches the selection")
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if threads is not None:
+        torch.set_num_threads(threads)
     timing = TimingConfig(
-        warmup=args.warmup if args.warmup is not None else (1 if args.quick else 2),
-        repeats=args.repeats if args.repeats is not None else (5 if args.quick else 9),
-        min_sample_s=args.min_sample_ms / 1e3 if args.min_sample_ms is not None else (0.01 if args.quick else 0.05),
-        max_case_s=6.0 if args.quick else 40.0,
+        warmup=warmup if warmup is not None else (1 if quick else 2),
+        repeats=repeats if repeats is not None else (5 if quick else 9),
+        min_sample_s=min_sample_ms / 1e3 if min_sample_ms is not None else (0.01 if quick else 0.05),
+        max_case_s=6.0 if quick else 40.0,
     )
     options = RunOptions(
-        device=device,
+        device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
         timing=timing,
-        compile=not args.no_compile,
-        memory=not args.no_memory,
-        profile=not args.no_profile,
-        quick=args.quick,
-        max_call_s=args.max_call_s if args.max_call_s is not None else (3.0 if args.quick else 10.0),
+        compile=compile,
+        memory=memory,
+        profile=profile,
+        quick=quick,
+        max_call_s=max_call_s if max_call_s is not None else (3.0 if quick else 10.0),
     )
     results = run_suite(cases, options)
-    results["machine"]["selection"] = {"quick": args.quick, "cases": list(args.cases), "count": len(cases)}
+    results["machine"]["selection"] = {"quick": quick, "cases": list(patterns), "count": len(cases)}
     print(report.format_report(results))
-    if args.json:
-        report.write_json(results, args.json)
-        print(f"\nwrote {args.json}")
-    if args.plot:
-        report.plot_speedups(results, args.plot)
-        print(f"wrote {args.plot}")
+    if json_path:
+        report.write_json(results, json_path)
+        print(f"\nwrote {json_path}")
+    if plot_path:
+        report.plot_speedups(results, plot_path)
+        print(f"wrote {plot_path}")
     bad = failed(results)
     if bad:
         print(f"\n{len(bad)} case(s) failed the correctness check; their timings are not reported")

@@ -1,85 +1,62 @@
 """``python -m vlfuse demo``: the synthetic corpus, Qwen2-VL's three training stages on the ``tiny`` preset, held-out
 accuracy per task, and the op benchmark table, on a laptop-class CPU in a few minutes.
 
-The stage configs live here (``stage_config``) and in ``configs/tiny_stage{1,2,3}.yaml`` for ``vlfuse train``; a
-test keeps the two identical.
+The stages are ``configs/tiny_stage{1,2,3}.yaml`` (what ``vlfuse train --config`` runs too), with the demo's folders
+and seed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 SCORED_TASKS = ("shape_colour", "motion", "characters")
-
-# The tiny preset with the changes that suit the synthetic corpus: short answers, images of at most 112 x 112.
-MODEL_OVERRIDES: dict = {"max_position_embeddings": 512}
-
-# (steps, learning rate per part, tasks) per stage; batch 16 everywhere. Stage 1 trains the ViT and merger against
-# the frozen (randomly initialised) LLM on the three scored tasks; stage 2 everything on all tasks; stage 3 the
-# merger and LLM on dialogue, multi-image and the single-turn tasks, the ViT frozen. Stage 1 is what lets the
-# tower learn motion and shape at all: trained only mixed with the LLM (stage 1 of 40 steps), its features stayed
-# at chance for motion (a linear probe on the tower: 25%) while each task alone was learned within 300 steps.
-# Shape is learned last: stage 2 of 1200 / 1500 / 1800 steps gave 78% / 87% / 93% (one thread; the demo's time
-# budget allows 1800).
-STAGES = {
-    1: (300, {"vision": 1e-3, "merger": 1e-3, "llm": 0.0}, ["shape_colour", "characters", "motion"]),
-    2: (1800, {"vision": 1e-3, "merger": 1e-3, "llm": 2e-3}, None),
-    3: (120, {"vision": 0.0, "merger": 3e-4, "llm": 1e-3}, None),
-}
+STAGES = (1, 2, 3)
+# Seeds of one demo run: the corpus gets the demo's seed; each stage its config's seed plus this many times it.
+STAGE_SEED_STRIDE = 100
 
 
-def stage_config(stage: int, data_dir: str, run_dir: str) -> dict:
-    """The config of one demo stage (what ``configs/tiny_stage<N>.yaml`` holds, with these folders)."""
-    steps, lr, tasks = STAGES[stage]
-    return {
-        "stage": stage,
-        "seed": stage,
-        "model": {
-            "preset": "tiny",
-            "overrides": dict(MODEL_OVERRIDES),
-            "init": None if stage == 1 else f"{run_dir}/stage{stage - 1}/final",
-        },
-        "data": {
-            "train": f"{data_dir}/train.jsonl",
-            "tasks": tasks,
-            "min_pixels": 56 * 56,
-            "max_pixels": 112 * 112,
-            # Stage 1 normalises patches with the corpus' own statistics and later stages inherit them: with CLIP's,
-            # the near-white backgrounds put every pixel at ~+1.8, a constant that swamps the patch embedding, and
-            # the tiny ViT learned neither motion nor shape (a direct-supervision probe: motion at chance after
-            # 300 steps; with the corpus' statistics 98% after 200).
-            "image_mean": "corpus" if stage == 1 else None,
-            "image_std": "corpus" if stage == 1 else None,
-        },
-        "optim": {"lr": lr, "weight_decay": 0.0, "grad_clip": 1.0},
-        "schedule": {"steps": steps, "warmup": max(5, steps // 20), "min_lr_ratio": 0.05},
-        "batch": {"size": 16, "accumulation": 1},
-        "precision": "fp32",
-        "output": f"{run_dir}/stage{stage}",
-        "save_every": 0,
-    }
+def config_dir() -> Path:
+    """The folder of the stage configs: ``configs/`` of a source checkout, or its copy installed in the package."""
+    package = Path(__file__).resolve().parents[1]
+    places = (package / "configs", package.parents[1] / "configs")
+    for folder in places:
+        if (folder / "tiny_stage1.yaml").is_file():
+            return folder
+    raise FileNotFoundError(f"vlfuse demo: no tiny_stage1.yaml in {' or '.join(map(str, places))}")
+
+
+def stage_config(stage: int, data_dir: str | Path, run_dir: str | Path, seed: int = 0) -> dict:
+    """``configs/tiny_stage<stage>.yaml`` resolved, reading ``<data_dir>/train.jsonl``, writing
+    ``<run_dir>/stage<stage>`` and starting from the previous stage's ``final`` there; ``seed`` shifts its seed."""
+    from .config import load
+
+    if stage not in STAGES:
+        raise ValueError(f"vlfuse demo: stage must be one of {STAGES}, got {stage}")
+    cfg = load(config_dir() / f"tiny_stage{stage}.yaml")
+    cfg["seed"] += STAGE_SEED_STRIDE * seed
+    cfg["data"]["train"] = str(Path(data_dir) / "train.jsonl")
+    if cfg["model"]["init"]:
+        cfg["model"]["init"] = str(Path(run_dir) / f"stage{stage - 1}" / "final")
+    cfg["output"] = str(Path(run_dir) / f"stage{stage}")
+    return cfg
 
 
 def run_bench() -> tuple[int | None, float]:
     """The op benchmark table (``vlfuse bench --quick``) when the bench package is installed; (exit code, seconds)."""
     t0 = time.perf_counter()
     try:
-        from vlfuse.__main__ import build_parser
-    except ImportError:
+        from vlfuse.bench.cli import run_bench as bench
+    except ModuleNotFoundError as exc:
+        if exc.name != "vlfuse.bench":  # a real import error: show it
+            raise
+        print("vlfuse demo: the `bench` package is not part of this build; skipping the op benchmark table")
         return None, 0.0
-    parser = build_parser()
-    try:
-        args = parser.parse_args(["bench", "--quick"])
-    except SystemExit:
-        print("vlfuse demo: the `bench` command is not available in this build; skipping the op benchmark table")
-        return None, 0.0
-    return int(args.func(args) or 0), time.perf_counter() - t0
+    return bench(quick=True), time.perf_counter() - t0
 
 
 def _runnable_others(samples: int = 5, interval: float = 0.1) -> int:
@@ -126,18 +103,18 @@ def run_demo(
     make_corpus(data_dir, seed=seed)
     corpus_s = time.perf_counter() - t0
     stages = []
-    for stage in (1, 2, 3):
+    for stage in STAGES:
         ts = time.perf_counter()
-        cfg = stage_config(stage, str(data_dir), str(run_dir))
+        cfg = stage_config(stage, data_dir, run_dir, seed)
         trainer = Trainer(cfg, stage=stage)
         final = trainer.train()
         stages.append({"stage": stage, "steps": trainer.step, "seconds": round(time.perf_counter() - ts, 1)})
         del trainer
     te = time.perf_counter()
     model = Qwen2VL.from_pretrained(final)
-    cfg = stage_config(3, str(data_dir), str(run_dir))
+    cfg = stage_config(STAGES[-1], data_dir, run_dir, seed)
     cfg["model"]["init"] = str(final)
-    encoder = SampleEncoder(build_processor(_resolved(cfg), model))
+    encoder = SampleEncoder(build_processor(cfg, model))
     val = [s for s in read_jsonl(data_dir / "val.jsonl") if s["task"] in SCORED_TASKS]
     exact, results = accuracy(model, encoder, val)
     scores = dict(exact)
@@ -165,8 +142,7 @@ def run_demo(
         for r in results:
             f.write(json.dumps(r) + "\n")
     if bench:
-        print("\nop benchmarks (vlfuse bench --quick)")
-        sys.stdout.flush()
+        print("\nop benchmarks (vlfuse bench --quick)", flush=True)
         code, bench_s = run_bench()
         report["bench_seconds"] = round(bench_s, 1)
         report["bench_exit_code"] = code
@@ -176,10 +152,4 @@ def run_demo(
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _resolved(cfg: dict) -> dict:
-    from .config import resolve
-
-    return resolve(cfg)
 
