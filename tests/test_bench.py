@@ -108,6 +108,33 @@ def test_unavailable_op_is_skipped_not_failed():
     assert runner.failed(result) == []
 
 
+def _broken_builder(case, device):
+    raise RuntimeError("the builder broke")
+
+
+def test_broken_builder_fails_its_case_and_the_suite_goes_on():
+    broken = Case("rope_qkv", "tiny broken", torch.float32, FWD, _broken_builder, TINY_GRID)
+    result = runner.run_suite([broken, *_tiny_cases()[:1]], _options())
+    assert result["results"][0]["check"] == "error: RuntimeError: the builder broke"
+    assert result["results"][1]["check"] == "ok"
+    assert len(runner.failed(result)) == 1
+
+
+def test_extras_are_timed_beside_the_implementations():
+    case = _tiny_cases()[0]
+    calls = []
+
+    def build(case, device, plain=case.build):
+        setup = plain(case, device)
+        return dataclasses.replace(setup, extras={"plain copy": lambda: calls.append(1)})
+
+    result = runner.run_suite([dataclasses.replace(case, build=build)], _options())
+    record = result["results"][0]
+    assert record["check"] == "ok" and calls
+    assert set(record["extra_ms"]) == {"plain copy"} and record["extra_ms"]["plain copy"] > 0
+    assert any("plain copy" in note for note in record["notes"])
+
+
 def test_compile_unavailable_is_noted(monkeypatch):
     def no_compile(*args, **kwargs):
         raise RuntimeError("no C++ compiler")

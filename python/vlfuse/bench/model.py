@@ -180,19 +180,22 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
     def hf_vision_tower(pixel_values):
         return hf_tower(pixel_values, grid_thw=grid_thw).pooler_output
 
+    def patched_forward():
+        return patched(pixel_values, grid_thw=grid_thw).pooler_output
+
     def patched_call():
         if not backward:
             with torch.no_grad():
-                return patched(pixel_values, grid_thw=grid_thw).pooler_output
+                return patched_forward()
         for p in patched.parameters():
             p.grad = None
-        out = patched(pixel_values, grid_thw=grid_thw).pooler_output
+        out = patched_forward()
         out.backward(torch.ones_like(out))
         return out
 
     with torch.no_grad():
         expected = hf_vision_tower(pixel_values)
-        err = float((patched_call() - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+        err = float((patched_forward() - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
     if not err <= 4.0 * math.sqrt(depth) * (2e-5 if case.dtype == torch.float32 else 2.0**-6):
         raise RuntimeError(f"vlfuse.bench: the patched HF tower is off HF's by {err:.3g}")
 

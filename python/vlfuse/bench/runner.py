@@ -159,6 +159,10 @@ def run_case(case: Case, options: RunOptions) -> dict:
     except Unavailable as exc:
         record["check"] = f"skipped: {exc}"
         return record
+    except Exception as exc:  # a builder that breaks is one failed case, not a dead suite
+        record["check"] = f"error: {type(exc).__name__}: {exc}"
+        options.log(traceback.format_exc())
+        return record
     record["shape"] = setup.shape
     record["baseline"] = setup.baseline
     if setup.note:
