@@ -48,19 +48,6 @@ def host_grid(grid_thw: Tensor | Sequence[Sequence[int]], merge_size: int) -> Gr
     return grid
 
 
-def _runs(lengths: Sequence[int]) -> SegmentLayout:
-    groups: list[tuple[int, int, int]] = []
-    start = 0
-    for length in lengths:
-        if groups and groups[-1][2] == length:
-            first, count, _ = groups[-1]
-            groups[-1] = (first, count + 1, length)
-        else:
-            groups.append((start, 1, length))
-        start += length
-    return SegmentLayout(tuple(groups), start)
-
-
 def _frame_windows(units_h: int, units_w: int, window_units: int) -> list[list[int]]:
     """Unit indices (row-major in the frame's unit grid) of each attention window, windows row-major: the order of
     HF's ``get_vision_window_index``; a window at the right or bottom edge holds what is left."""
@@ -153,8 +140,9 @@ class VisionPlan:
         tokens = unit_start * mm
         ordered = sorted(frames, key=lambda frame: frame[0], reverse=True)
         unit_order_list = [u for frame in ordered for u in frame[1]]
-        full = _runs([frame[0] for frame in ordered])
-        window = _runs([size for frame in ordered for size in frame[2]]) if window_units else None
+        full = SegmentLayout.from_lengths([frame[0] for frame in ordered])
+        window_sizes = [size for frame in ordered for size in frame[2]]
+        window = SegmentLayout.from_lengths(window_sizes) if window_units else None
 
         unit_order = torch.tensor(unit_order_list, dtype=torch.int64)
         identity = bool(torch.equal(unit_order, torch.arange(unit_start)))

@@ -29,21 +29,28 @@ class SegmentLayout:
     tokens: int
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: Tensor) -> SegmentLayout:
-        """From cumulative boundaries [segments + 1] (0, ..., S): one host read; adjacent equal lengths form one run."""
-        bounds = cu_seqlens.detach().to("cpu", torch.int64).tolist()
+    def from_lengths(cls, lengths) -> SegmentLayout:
+        """From the segment lengths in token order (host integers; empty segments are dropped): adjacent equal
+        lengths form one run."""
         groups: list[tuple[int, int, int]] = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            length = end - start
+        start = 0
+        for length in lengths:
             if length < 0:
-                raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-            if length == 0:
-                continue
-            if groups and groups[-1][2] == length:
+                raise ValueError(f"segment lengths must be non-negative, got {list(lengths)}")
+            if length and groups and groups[-1][2] == length:
                 groups[-1] = (groups[-1][0], groups[-1][1] + 1, length)
-            else:
+            elif length:
                 groups.append((start, 1, length))
-        return cls(tuple(groups), bounds[-1] if bounds else 0)
+            start += length
+        return cls(tuple(groups), start)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Tensor) -> SegmentLayout:
+        """From cumulative boundaries [segments + 1] (0, ..., S): one host read."""
+        bounds = cu_seqlens.detach().to("cpu", torch.int64).tolist()
+        if any(end < start for start, end in zip(bounds[:-1], bounds[1:])):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
+        return cls.from_lengths([end - start for start, end in zip(bounds[:-1], bounds[1:])])
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
@@ -95,8 +102,8 @@ class RotaryAttention2D(nn.Module):
         return self.ops.name
 
     def forward(self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
-        """x: [S, dim]; positions: [S, 2] (h, w) integer; freqs: [2, head_dim / 2] float32;
-        segments: a SegmentLayout or cu_seqlens [segments + 1] (tokens attend within their segment). Returns [S, dim]."""
+        """x: [S, dim]; positions: [S, 2] (h, w) integer; freqs: [2, head_dim / 2] float32; segments: a
+        SegmentLayout or cu_seqlens [segments + 1] (tokens attend within their segment). Returns [S, dim]."""
         return self.proj(self.attend(x, positions, freqs, segments))
 
     def attend(self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
