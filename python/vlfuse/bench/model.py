@@ -172,10 +172,13 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
     patched.load_state_dict(hf_tower.state_dict())
     patch_qwen2_vl(patched)
     pixel_values = torch.randn(count, VISION.patch_dim, device=device, dtype=torch.float32)
-    grid_thw = grid_tensor(grid, device).cpu()  # the host grid a data loader hands over; each tower reads it
+    # HF's towers take the grid on the model's device (their rotary tables meet it there); the vlfuse tower plans
+    # from the host grid a data loader hands over, which spares it a device-to-host copy
+    grid_thw = grid_tensor(grid, device)
+    host_grid = grid_thw.cpu()
 
     def vlfuse_tower(pixel_values):
-        return tower(pixel_values, grid_thw)
+        return tower(pixel_values, host_grid)
 
     def hf_vision_tower(pixel_values):
         return hf_tower(pixel_values, grid_thw=grid_thw).pooler_output
@@ -201,7 +204,7 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
 
     shapes = tower_gemms(count, depth, llm_width)
     flops = float(sum(2 * m * k * n for m, k, n in shapes))
-    plan = tower.plan(grid_thw)
+    plan = tower.plan(host_grid)
 
     def profile() -> dict:
         with torch.no_grad():
