@@ -163,6 +163,7 @@ def test_sanitizer_summaries_are_read(line, errors):
 FAKE_SANITIZER = """#!/usr/bin/env bash
 # compute-sanitizer stand-in: drops its options, runs the program on the CPU, reports what the test asks
 while [[ $1 == --* ]]; do shift 2; done
+[[ -n $FAKE_INTERNAL ]] && echo "========= Internal Sanitizer Error: The Sanitizer failed to handle a hardware exception." && exit 99
 echo "========= ERROR SUMMARY: $FAKE_ERRORS errors"
 [[ $FAKE_ERRORS != 0 ]] && exit 99
 exec "${@/#cuda/cpu}"
@@ -207,6 +208,24 @@ def test_sanitizer_step_runs_the_exercise_and_reads_the_summary(gpu_tools, monke
     assert "--kernel-name kns=vlfuse" in record["commands"][0] and "--tool memcheck" in record["commands"][0]
 
 
+def test_racecheck_leaves_out_the_cublas_calls_and_checks_the_rest(gpu_tools, monkeypatch):
+    monkeypatch.setenv("FAKE_ERRORS", "0")
+    record = _record()
+    steps._sanitizer_step("racecheck")(gpu_tools, record)
+    assert record["status"] == "ok", record["summary"]
+    names = [case["name"] for case in json.loads((gpu_tools.work / "exercise-racecheck.json").read_text())["cases"]]
+    assert not [n for n in names if n.startswith(("patch_embed", "embed_frames"))]
+    assert [n for n in names if n.startswith("patchify")] and [n for n in names if n.startswith("merge2x2")]
+
+
+def test_a_sanitizer_breakdown_is_an_error_not_a_finding(gpu_tools, monkeypatch):
+    monkeypatch.setenv("FAKE_ERRORS", "0")
+    monkeypatch.setenv("FAKE_INTERNAL", "1")
+    record = _record()
+    steps._sanitizer_step("racecheck")(gpu_tools, record)
+    assert record["status"] == "error" and "broke down" in record["summary"], record["summary"]
+
+
 def test_ncu_step_reports_the_merge_backward_kernel(gpu_tools):
     record = _record()
     steps.step_ncu(gpu_tools, record)
@@ -231,3 +250,29 @@ def test_a_failed_environment_skips_every_other_step(tmp_path, monkeypatch):
     assert steps.run_check(str(tmp_path)) == 1
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     assert [r["status"] for r in report["steps"]] == ["fail", "skipped", "skipped"]
+
+
+def _fake_compiler(folder, name, libstdcxx):
+    path = folder / name
+    path.write_text(f"#!/usr/bin/env bash\necho {libstdcxx}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_the_build_takes_a_compiler_of_the_libstdcxx_torch_runs_with(tmp_path, monkeypatch):
+    loaded = subprocess.run(
+        [sys.executable, "-c", steps.LOADED_LIBSTDCXX], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not loaded:
+        pytest.skip("no /proc/self/maps to read the loaded libstdc++ from")
+    other = tmp_path / "opt" / "libstdc++.so.6"
+    other.parent.mkdir()
+    other.write_text("")
+    foreign = _fake_compiler(tmp_path, "foreign-g++", other)
+    native = _fake_compiler(tmp_path, "native-g++", loaded)
+    monkeypatch.setattr(steps.shutil, "which", lambda name: {"c++": foreign, "g++": native}.get(name))
+    cxx, why = steps.matching_compiler(sys.executable, preferred=foreign)
+    assert cxx == native and os.path.realpath(loaded) in why
+    monkeypatch.setattr(steps.os, "access", lambda path, mode: path in (foreign,))
+    cxx, why = steps.matching_compiler(sys.executable, preferred=foreign)
+    assert cxx is None and "no compiler found" in why and foreign in why

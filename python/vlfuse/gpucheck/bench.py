@@ -3,7 +3,8 @@
 ``ops``: rope_qkv, patch_embed, embed_frames, merge2x2 and the 2B PatchMerger at 16384 tokens (16 images of
 448 x 448; rope_qkv also at one image), against HF eager and torch.compile, each beside a copy of as many bytes
 (memory-bound ops) or plain GEMMs of its sizes (patch_embed, the merger) timed in the same loop.
-``tower``: the suite's Qwen2-VL vision tower cases (one image, 4 images of mixed sizes; bfloat16) at depth 8, against
+``tower``: the suite's Qwen2-VL vision tower cases (one image, 4 and 16 images of mixed sizes, the 4 also forward
+and backward; bfloat16) at depth 8, against
 HF's tower with the same weights (no torch.compile: inductor over the HF tower takes longer than the check's budget).
 ``--tiny`` shrinks every case to a few tokens, float32 and one block for a dry run on the CPU. The JSON (the
 ``vlfuse bench`` format, {machine, results}) is rewritten after every case.
@@ -37,10 +38,19 @@ OPS = (
     "embed_frames/4 images 448x448/bfloat16/fwd",
     "PatchMerger 2B/4 images 448x448/bfloat16/fwd",
 )
-TOWER = ("vision tower/1 image 448x448/bfloat16/fwd", "vision tower/4 images, mixed sizes/bfloat16/fwd")
+TOWER = (
+    "vision tower/1 image 448x448/bfloat16/fwd",
+    "vision tower/4 images, mixed sizes/bfloat16/fwd",
+    "vision tower/16 images, mixed sizes/bfloat16/fwd",
+    "vision tower/4 images, mixed sizes/bfloat16/fwd+bwd",
+)
 TOWER_DEPTH = 8
 TINY_GRID = ((1, 4, 4),)
-TINY_GRIDS = {"1 image 448x448": TINY_GRID, "4 images, mixed sizes": ((1, 4, 4), (1, 2, 4), (2, 2, 2))}
+TINY_GRIDS = {
+    "1 image 448x448": TINY_GRID,
+    "4 images, mixed sizes": ((1, 4, 4), (1, 2, 4), (2, 2, 2)),
+    "16 images, mixed sizes": ((1, 4, 4), (1, 2, 4), (2, 2, 2), (1, 2, 2)),
+}
 
 
 def _suite_cases(ids: tuple[str, ...]) -> list[Case]:

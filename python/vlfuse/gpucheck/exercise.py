@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write {device, cases: [...]} here after every call")
     parser.add_argument("--profile", action="store_true", help="the Nsight Compute workload instead of the checks")
     parser.add_argument("--tiny", action="store_true", help="with --profile: tiny sizes (a dry run on the CPU)")
+    parser.add_argument(
+        "--skip", action="append", default=[], metavar="PREFIX", help="leave out the calls whose name starts so"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.profile:
@@ -279,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for call in all_calls(args.device):
+        if call.name.startswith(tuple(args.skip)):
+            continue
         result = run_call(call)
         results.append(result)
         print(f"{'ok  ' if result['ok'] else 'FAIL'} {call.name} [{result['dtype']}]: max relative error "
