@@ -147,20 +147,35 @@ __device__ inline int64_t slot_token(const Params& p, int64_t slot) {
   return tok < p.tokens ? static_cast<int64_t>(tok) : -1;
 }
 
-// One thread: items are few (images and videos of one batch). Checks what the host checks for a host grid.
-__global__ void grid_offsets_kernel(const Params p, int64_t* offsets) {
+// One warp: lane i reads item i of each run of kWarp items, so a run's loads overlap rather than queue one behind
+// the other, and a warp scan adds up the rows. Checks what the host checks for a host grid.
+__global__ void grid_offsets_kernel(const Params p, int64_t* __restrict__ offsets) {
+  const int lane = static_cast<int>(threadIdx.x);
   const int64_t m = p.merge_size;
-  int64_t rows = 0;
-  offsets[0] = 0;
-  for (int64_t i = 0; i < p.items; ++i) {
-    const int64_t* g = p.grid + i * p.grid_stride0;
-    const int64_t t = g[0], h = g[p.grid_stride1], w = g[2 * p.grid_stride1];
-    CUDA_KERNEL_ASSERT_MSG(t >= 0 && h >= 0 && w >= 0 && h % m == 0 && w % m == 0,
-                           "vlfuse.merge2x2: grid_thw has a negative size, or h or w not a multiple of merge_size");
-    rows += (t > 0 && h > 0 && w > 0) ? t * (h / m) * (w / m) : 0;
-    offsets[i + 1] = rows;
+  int64_t carried = 0;
+  if (lane == 0) {
+    offsets[0] = 0;
   }
-  CUDA_KERNEL_ASSERT_MSG(rows * m * m == p.tokens,
+  for (int64_t first = 0; first < p.items; first += kWarp) {
+    const int64_t i = first + lane;
+    int64_t rows = 0;
+    if (i < p.items) {
+      const int64_t* g = p.grid + i * p.grid_stride0;
+      const int64_t t = g[0], h = g[p.grid_stride1], w = g[2 * p.grid_stride1];
+      CUDA_KERNEL_ASSERT_MSG(t >= 0 && h >= 0 && w >= 0 && h % m == 0 && w % m == 0,
+                             "vlfuse.merge2x2: grid_thw has a negative size, or h or w not a multiple of merge_size");
+      rows = (t > 0 && h > 0 && w > 0) ? t * (h / m) * (w / m) : 0;
+    }
+    for (int d = 1; d < kWarp; d *= 2) {
+      const int64_t below = __shfl_up_sync(0xffffffffu, rows, d);
+      rows += lane >= d ? below : 0;
+    }
+    if (i < p.items) {
+      offsets[i + 1] = carried + rows;
+    }
+    carried += __shfl_sync(0xffffffffu, rows, kWarp - 1);
+  }
+  CUDA_KERNEL_ASSERT_MSG(carried * m * m == p.tokens,
                          "vlfuse.merge2x2: grid_thw describes a different number of tokens than x has");
 }
 
@@ -461,7 +476,7 @@ c10::DataPtr device_offsets(Params& p, cudaStream_t stream) {
     return {};
   }
   c10::DataPtr offsets = c10::cuda::CUDACachingAllocator::get()->allocate((p.items + 1) * sizeof(int64_t));
-  grid_offsets_kernel<<<1, 1, 0, stream>>>(p, static_cast<int64_t*>(offsets.get()));
+  grid_offsets_kernel<<<1, kWarp, 0, stream>>>(p, static_cast<int64_t*>(offsets.get()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   p.offsets = static_cast<const int64_t*>(offsets.get());
   return offsets;
