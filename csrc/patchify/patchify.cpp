@@ -52,7 +52,8 @@ Tensor patchify(at::TensorList frames, int64_t patch_size, int64_t temporal_patc
                     "out_dtype must be float32, float64, float16 or bfloat16, got ", out_dtype);
   const Tensor& first = frames[0];
   const int64_t factor = patch_size * merge_size;
-  for (size_t i = 0; i < frames.size(); ++i) {
+  const int64_t items = static_cast<int64_t>(frames.size());
+  for (int64_t i = 0; i < items; ++i) {
     const Tensor& f = frames[i];
     VLFUSE_CHECK_TYPE(is_frame_dtype(f.scalar_type()), op, "frames[", i,
                       "] must be uint8 or float32/float64/float16/bfloat16, got ", f.scalar_type());
@@ -65,8 +66,8 @@ Tensor patchify(at::TensorList frames, int64_t patch_size, int64_t temporal_patc
     VLFUSE_CHECK_VALUE(f.size(1) == first.size(1), op, "frames[", i, "] has ", f.size(1),
                        " channels but frames[0] has ", first.size(1));
     VLFUSE_CHECK_VALUE(f.size(0) > 0, op, "frames[", i, "] must have at least one frame, got shape ", f.sizes());
-    check_extent(op, static_cast<int64_t>(i), "height", f.size(2), factor);
-    check_extent(op, static_cast<int64_t>(i), "width", f.size(3), factor);
+    check_extent(op, i, "height", f.size(2), factor);
+    check_extent(op, i, "width", f.size(3), factor);
   }
   const int64_t channels = first.size(1);
   VLFUSE_CHECK_VALUE(channels >= 1 && channels <= kMaxChannels, op, "frames must have 1 to ", kMaxChannels,
