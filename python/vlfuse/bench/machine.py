@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import platform
+import time
 from collections.abc import Callable
 
 import torch
@@ -83,6 +84,7 @@ def machine_info(device: torch.device, measure_limits: bool, quick: bool) -> dic
         "torch": torch.__version__,
         "vlfuse": vlfuse.__version__,
         "python": platform.python_version(),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
         import transformers

@@ -349,7 +349,6 @@ def run_suite(cases: Sequence[Case], options: RunOptions) -> dict:
         "statistic": "median",
         "interleaved": True,
     }
-    machine["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {"machine": machine, "results": results}
 
 
