@@ -424,9 +424,8 @@ def _entry(key: str) -> Callable[..., nn.Module | None]:
 
     patch.__name__ = patch.__qualname__ = key
     patch.__module__ = __name__
-    patch.__doc__ = f"Runs HF transformers' {family.name} vision tower on vlfuse ops{_NOTES[key]}.\n" + _ARGUMENTS.format(
-        tower=family.tower, name=family.name
-    )
+    summary = f"Runs HF transformers' {family.name} vision tower on vlfuse ops{_NOTES[key]}.\n"
+    patch.__doc__ = summary + _ARGUMENTS.format(tower=family.tower, name=family.name)
     return patch
 
 

@@ -101,7 +101,9 @@ class Qwen2VLVisionConfig:
                 "square position grid) or 0"
             )
         if any(i < 0 for i in self.deepstack_visual_indexes):
-            raise ValueError(f"vision deepstack_visual_indexes must be block indexes, got {self.deepstack_visual_indexes}")
+            raise ValueError(
+                f"vision deepstack_visual_indexes must be block indexes, got {self.deepstack_visual_indexes}"
+            )
         if self.param_names not in _PARAM_NAMES:
             raise ValueError(f"vision param_names must be one of {_PARAM_NAMES}, got {self.param_names!r}")
         if self.window_size and self.window_units < 1:
