@@ -380,8 +380,7 @@ def _qwen3_vl_model() -> nn.Module:
     text = dict(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
-                         "mrope_interleaved": True},
+        rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True}, rope_theta=1e4,
     )  # fmt: skip
     vision = dict(
         depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, num_position_embeddings=16,
@@ -426,7 +425,9 @@ def _qwen3_vl_vision_out(model: nn.Module, inputs: dict) -> list[torch.Tensor]:
     for pixels, grid in ((inputs["pixel_values"], inputs["image_grid_thw"]),
                          (inputs["pixel_values_videos"], inputs["video_grid_thw"])):  # fmt: skip
         out = model.model.visual(pixels, grid_thw=grid)
-        outs += [out.pooler_output, *out.deepstack_features]
+        # transformers 4.57's tower returns a tuple
+        merged, deepstack = out if isinstance(out, tuple) else (out.pooler_output, out.deepstack_features)
+        outs += [merged, *deepstack]
     return outs
 
 

@@ -240,7 +240,8 @@ def _tower_forward(self: nn.Module, hidden_states: Tensor, grid_thw: Tensor, **k
     """HF's vision tower forward, run by vlfuse's tower on the very same Parameter objects (built on first use).
 
     hidden_states: [N, C * Tp * P * P] patches, grid_thw [items, 3] (read to the host once per call). Returns what
-    HF's tower returns: the merged tokens [N / m^2, out] (transformers 4.x), or an output with ``pooler_output``
+    HF's tower returns: the merged tokens [N / m^2, out] (transformers 4.x; the Qwen3 towers with deepstack mergers:
+    (those, the list of deepstack features)), or an output with ``pooler_output``
     (those), ``last_hidden_state`` [N, width] in HF's order and, for the Qwen3 towers with deepstack mergers,
     ``deepstack_features`` (a list of [N / m^2, out]) (transformers 5.x). HF's precomputed-metadata kwargs
     (position_ids, cu_seqlens, window_index, interp_indices, ...) are not needed and are ignored."""
@@ -258,7 +259,7 @@ def _tower_forward(self: nn.Module, hidden_states: Tensor, grid_thw: Tensor, **k
     import transformers
 
     if int(transformers.__version__.split(".")[0]) < 5:
-        return features.merged
+        return (features.merged, list(features.deepstack)) if family.output == _DEEPSTACK else features.merged
     output = getattr(importlib.import_module(family.module), family.output)
     fields = dict(last_hidden_state=features.hidden, pooler_output=features.merged)
     if family.output == _DEEPSTACK:
