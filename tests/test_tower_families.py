@@ -194,6 +194,27 @@ def test_gradients_match_hf(name):
     assert hf.pos_embed.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name, backend", [("qwen3_vl", "vlfuse"), ("qwen3_omni_moe", "eager"), ("qwen3_5", "eager")])
+def test_bf16_error_within_hf_own_rounding(name, backend, pending_ops_in_plain_torch):
+    """In bf16 the tower is as close to the fp32 tower as HF's own bf16 tower is (within 1.5x), merged tokens and
+    deepstack features alike."""
+    hf = _hf_tower(name)
+    grid, pixels = torch.tensor(GRID), _pixels()
+
+    def outputs(out):
+        return [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+
+    with torch.no_grad():
+        exact = outputs(hf(pixels, grid_thw=grid))
+        hf.to(torch.bfloat16)
+        hf_bf16 = outputs(hf(pixels, grid_thw=grid))
+        features = VisionTower.from_hf(hf, backend=backend).eval().features(pixels, grid)
+    ours_bf16 = [features.merged, *features.deepstack]
+    assert all(t.dtype == torch.bfloat16 for t in ours_bf16)
+    for ours, theirs, reference in zip(ours_bf16, hf_bf16, exact, strict=True):
+        assert (ours.float() - reference).abs().max() <= 1.5 * (theirs.float() - reference).abs().max()
+
+
 def test_shared_parameters_are_hf_parameters(family):
     name, hf = family
     shared = VisionTower.from_hf(hf, backend=BACKEND, share_parameters=True)
