@@ -291,12 +291,12 @@ def test_auto_patch_matches_hf_and_reverts(family, tower, backend, pending_ops_i
         finally:
             vlfuse.patch.revert(hf)
         reverted = hf(pixels, grid_thw=grid)
-    assert ("_vlfuse_tower" in hf.__dict__) is False
+    assert "_vlfuse_tower" not in hf.__dict__
     _assert_outputs_close(after, before)
     assert type(after) is type(before)
     assert torch.equal(reverted.pooler_output, before.pooler_output)
     assert torch.equal(reverted.last_hidden_state, before.last_hidden_state)
-    for a, b in zip(getattr(reverted, "deepstack_features", None) or [], before.get("deepstack_features") or []):
+    for a, b in zip(reverted.get("deepstack_features") or [], before.get("deepstack_features") or [], strict=True):
         assert torch.equal(a, b)
     assert not any("forward" in m.__dict__ or "_vlfuse_backend" in m.__dict__ for m in hf.modules())
     assert list(hf.state_dict()) == list(state)
