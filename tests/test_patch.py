@@ -343,3 +343,131 @@ def test_timm_vit_to_rope2d_example(capsys):
     # checks vlfuse vs plain PyTorch inside, with two images of different sizes, and runs a backward
     example.main(["--embed-dim", "64", "--depth", "2", "--heads", "2", "--out-dim", "32", "--sizes", "64x64,32x96"])
     assert "output (7, 32)" in capsys.readouterr().out  # 4x4 and 2x6 patches -> 4 + 3 merged tokens
+
+
+# ---- vlfuse.patch.auto, and the Qwen3 generation (a whole Qwen3-VL model) -----------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_patches_what_the_named_entry_patches(family, ops_calls):
+    model, inputs = _model(family), _inputs()
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    assert vlfuse.patch.auto(model) is model
+    patched = sorted(type(m).__name__ for m in model.modules() if "forward" in m.__dict__)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert min(ops_calls.values()) > 0
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+    vlfuse.patch.revert(model)
+    FAMILIES[family][0](model)
+    assert sorted(type(m).__name__ for m in model.modules() if "forward" in m.__dict__) == patched
+    vlfuse.patch.revert(model)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref_logits)
+
+
+# Qwen3-VL: 16-pixel patches with a Conv3d bias, a learned 4 x 4 position table (the 8 x 12 image is larger, the
+# 4 x 4 video smaller), deepstack features from both vision blocks added to the LLM's first two layers. A video's
+# frames are separate groups (timestamp, vision start, frame, vision end), as Qwen3-VL's processor writes them.
+# The Qwen3 towers run on the eager backend until vlfuse.ops.interp_pos_embed and merge2x2(postshuffle_norm=True)
+# land.
+QWEN3_PATCH_DIM = 3 * 2 * 16 * 16
+TIMESTAMP = 8
+
+
+def _qwen3_vl_model() -> nn.Module:
+    text = dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True}, rope_theta=1e4,
+    )  # fmt: skip
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=32, num_position_embeddings=16,
+        deepstack_visual_indexes=[0, 1],
+    )  # fmt: skip
+    config = transformers.Qwen3VLConfig(
+        text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=VIDEO,
+        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen3VLForConditionalGeneration(config).float().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1 or "visual" in name:
+                param.normal_(0.0, 0.2)
+    return model
+
+
+def _qwen3_vl_inputs() -> dict:
+    torch.manual_seed(1)
+    ids, types = [5, 6], [0, 0]
+    for grid, token, kind in [(g, IMAGE, 1) for g in IMAGE_GRIDS] + [(g, VIDEO, 2) for g in VIDEO_GRIDS]:
+        count = grid[1] * grid[2] // 4
+        for _ in range(grid[0]):
+            ids += [TIMESTAMP, VISION_START] + [token] * count + [VISION_END, 7]
+            types += [0, 0] + [kind] * count + [0, 0]
+    images, videos = torch.tensor(IMAGE_GRIDS), torch.tensor(VIDEO_GRIDS)
+    return dict(
+        input_ids=torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        mm_token_type_ids=torch.tensor([types]),
+        pixel_values=torch.randn(int(images.prod(-1).sum()), QWEN3_PATCH_DIM),
+        image_grid_thw=images,
+        pixel_values_videos=torch.randn(int(videos.prod(-1).sum()), QWEN3_PATCH_DIM),
+        video_grid_thw=videos,
+    )
+
+
+def _qwen3_vl_vision_out(model: nn.Module, inputs: dict) -> list[torch.Tensor]:
+    """The merged tokens and the deepstack features of the images and of the video."""
+    outs = []
+    for pixels, grid in ((inputs["pixel_values"], inputs["image_grid_thw"]),
+                         (inputs["pixel_values_videos"], inputs["video_grid_thw"])):  # fmt: skip
+        out = model.model.visual(pixels, grid_thw=grid)
+        # transformers 4.57's tower returns a tuple
+        merged, deepstack = out if isinstance(out, tuple) else (out.pooler_output, out.deepstack_features)
+        outs += [merged, *deepstack]
+    return outs
+
+
+@pytest.mark.parametrize("tower", [True, False], ids=["tower", "pieces"])
+def test_auto_qwen3_vl_logits_match_and_revert(tower):
+    model, inputs = _qwen3_vl_model(), _qwen3_vl_inputs()
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+        ref_vision = _qwen3_vl_vision_out(model, inputs)
+    before = _state(model)
+    vlfuse.patch.auto(model, tower=tower, backend="eager")
+    _assert_state_unchanged(model, before)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        vision = _qwen3_vl_vision_out(model, inputs)
+    if tower:
+        engine = model.model.visual.__dict__["_vlfuse_tower"]
+        assert all(a is b for a, b in zip(engine.parameters(), model.model.visual.parameters(), strict=True))
+    for got, expected in zip(vision, ref_vision, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
+    _assert_state_unchanged(model, before)
+    vlfuse.patch.revert(model)
+    assert not any("forward" in m.__dict__ or "_vlfuse_tower" in m.__dict__ for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref_logits)
+
+
+def test_auto_qwen3_vl_training_step_gradients_match():
+    inputs = _qwen3_vl_inputs()
+    grads = []
+    for patch in (False, True):
+        model = _qwen3_vl_model().train()
+        if patch:
+            vlfuse.patch.auto(model, tower=True, backend="eager")
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    ref, got = grads
+    assert list(got) == list(ref)
+    assert {"model.visual.pos_embed.weight", "model.visual.deepstack_merger_list.1.norm.weight"} <= set(ref)
+    for name in ref:
+        scale = ref[name].abs().max().item()  # fp32 sums in another order: near-zero elements judged at scale
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")

@@ -70,6 +70,8 @@ class VisionPlan:
 
     tokens:         S, the patch count (sum of t * h * w)
     grid:           the host grid, ((t, h, w), ...)
+    grid_thw:       the same grid as an [items, 3] int64 tensor on the plan's device (for ops that take a grid
+                    tensor, such as the position-table resampling)
     positions:      [S, 2] int64 (h, w) rotary positions of the tokens in running order
     unit_order:     [S / m^2] int64, the patch-order merge unit at each running position; None when the running
                     order is the patch order
@@ -85,6 +87,7 @@ class VisionPlan:
     tokens: int
     merge_size: int
     grid: Grid
+    grid_thw: Tensor
     positions: Tensor
     unit_order: Tensor | None
     unit_restore: Tensor | None
@@ -148,7 +151,8 @@ class VisionPlan:
         identity = bool(torch.equal(unit_order, torch.arange(unit_start)))
         unit_restore = torch.empty_like(unit_order)
         unit_restore[unit_order] = torch.arange(unit_start)
-        positions = ops.vision_positions(torch.tensor(grid, dtype=torch.int64).reshape(-1, 3), merge_size)
+        grid_thw = torch.tensor(grid, dtype=torch.int64).reshape(-1, 3)
+        positions = ops.vision_positions(grid_thw, merge_size)
         if not identity:
             positions = positions.view(unit_start, mm, 2)[unit_order].view(tokens, 2)
         window_order = unit_restore[torch.tensor(hf_window_units, dtype=torch.int64)] if window_units else None
@@ -156,6 +160,7 @@ class VisionPlan:
             tokens=tokens,
             merge_size=merge_size,
             grid=grid,
+            grid_thw=grid_thw.to(device),
             positions=positions.to(device),
             unit_order=None if identity else unit_order.to(device),
             unit_restore=None if identity else unit_restore.to(device),
@@ -193,6 +198,7 @@ class VisionPlan:
             tokens=row,
             merge_size=merge_size,
             grid=grid,
+            grid_thw=torch.tensor(grid, dtype=torch.int64, device=first.grid_thw.device).reshape(-1, 3),
             positions=first.positions.new_empty(0, 2),
             unit_order=None,
             unit_restore=None,

@@ -1,8 +1,16 @@
-"""The vision tower of the Qwen VL family: patch embedding -> blocks (norm, RoPE-2D attention within each frame or
-window, norm, MLP) -> m x m patch merger. One definition, parameterized by what the generations change (see
-``Qwen2VLVisionConfig``: norm, MLP form and width, attention windows). Parameter names are HF's
-(``patch_embed.proj``, ``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1`` or ``gate_proj``/``up_proj``/``down_proj``,
-``merger.ln_q``, ...), so HF weights load unchanged.
+"""The vision tower of the Qwen VL family: patch embedding (+ a learned position table) -> blocks (norm, RoPE-2D
+attention within each frame or window, norm, MLP) -> m x m patch merger (+ deepstack mergers on chosen blocks). One
+definition, parameterized by what the generations change (see ``Qwen2VLVisionConfig``):
+
+- Qwen2-VL: LayerNorm, quick-GELU MLP, attention within each frame;
+- Qwen2.5-VL: RMSNorm, SwiGLU MLP, attention within windows except in the full-attention blocks;
+- the Qwen3 generation (Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen3-Omni's vision encoder, Qwen4): a Conv3d
+  bias, a learned square position table resampled to every grid, tanh-GELU MLP, and (Qwen3-VL, Qwen3-VL-MoE,
+  Qwen3-Omni) deepstack mergers whose outputs the LLM adds to its early layers.
+
+Parameter names are HF's (``patch_embed.proj``, ``pos_embed``, ``blocks.N.attn.qkv``, ``blocks.N.mlp.fc1`` /
+``linear_fc1`` / ``gate_proj``..., ``merger.ln_q`` / ``merger.norm``, ``deepstack_merger_list.N`` /
+``merger_list.N``...), so HF weights load unchanged.
 
 Each call computes a :class:`~vlfuse.models.vision_plan.VisionPlan` once from the grid (or takes one built ahead);
 every block reuses it, and nothing in the blocks reads the device back.
@@ -11,6 +19,7 @@ every block reuses it, and nothing in the blocks reads the device back.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -25,7 +34,7 @@ from .vision_plan import VisionPlan
 if TYPE_CHECKING:  # the config module's package imports this one
     from .qwen2_vl.config import Qwen2VLVisionConfig
 
-__all__ = ["VisionTower", "activation"]
+__all__ = ["VisionFeatures", "VisionTower", "activation"]
 
 
 def _quick_gelu(x: Tensor) -> Tensor:
@@ -67,25 +76,30 @@ def _add_linear_(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
 
 
 class VisionMlp(nn.Module):
-    """fc2(act(fc1(x))) (Qwen2-VL)."""
+    """fc2(act(fc1(x))) (Qwen2-VL; the Qwen3 generation names the Linears linear_fc1 and linear_fc2: names=)."""
 
-    def __init__(self, dim: int, hidden_dim: int, hidden_act: str) -> None:
+    def __init__(self, dim: int, hidden_dim: int, hidden_act: str, names: tuple[str, str] = ("fc1", "fc2")) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.names = names
+        setattr(self, names[0], nn.Linear(dim, hidden_dim))
+        setattr(self, names[1], nn.Linear(hidden_dim, dim))
         self.act = activation(hidden_act)
         self.act_ = activation(hidden_act, inplace=True)
 
     @property
+    def first(self) -> nn.Linear:
+        return getattr(self, self.names[0])
+
+    @property
     def out(self) -> nn.Linear:
-        return self.fc2
+        return getattr(self, self.names[1])
 
     def hidden(self, x: Tensor, inplace: bool = False) -> Tensor:
-        """[S, hidden_dim]: what fc2 takes."""
-        return (self.act_ if inplace else self.act)(self.fc1(x))
+        """[S, hidden_dim]: what the second Linear takes."""
+        return (self.act_ if inplace else self.act)(self.first(x))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.hidden(x))
+        return self.out(self.hidden(x))
 
 
 class GatedVisionMlp(nn.Module):
@@ -125,8 +139,11 @@ class VisionBlock(nn.Module):
         self.norm1 = _norm(config)
         self.norm2 = _norm(config)
         self.attn = RotaryAttention2D(config.embed_dim, config.num_heads, bias=True, backend=backend)
-        mlp = GatedVisionMlp if config.gated_mlp else VisionMlp
-        self.mlp = mlp(config.embed_dim, config.mlp_dim, config.hidden_act)
+        if config.gated_mlp:
+            self.mlp = GatedVisionMlp(config.embed_dim, config.mlp_dim, config.hidden_act)
+        else:
+            names = ("fc1", "fc2") if config.param_names == "qwen2" else ("linear_fc1", "linear_fc2")
+            self.mlp = VisionMlp(config.embed_dim, config.mlp_dim, config.hidden_act, names)
 
     def forward(
         self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout, inplace: bool = False
@@ -141,9 +158,25 @@ class VisionBlock(nn.Module):
         return _add_linear_(x, self.mlp.hidden(self.norm2(x), inplace=True), self.mlp.out)
 
 
+@dataclass(frozen=True, eq=False)
+class VisionFeatures:
+    """What one tower call computes (HF's output names in brackets), all in patch order.
+
+    merged:    [N / m^2, hidden_size] the merger's tokens, what the LLM takes (``pooler_output``)
+    deepstack: one [N / m^2, hidden_size] per deepstack block that ran, in block order (``deepstack_features``);
+               empty for a tower without deepstack mergers
+    hidden:    [N, embed_dim] the last block's output (``last_hidden_state``) when asked for, else None
+    """
+
+    merged: Tensor
+    deepstack: tuple[Tensor, ...] = ()
+    hidden: Tensor | None = None
+
+
 class VisionTower(nn.Module):
     """``tower(pixel_values, grid_thw)``: pixel_values [N, C * Tp * P * P] (patches in Qwen2-VL order, as HF's
     processors emit them), grid_thw [items, 3] (t, h, w in patches) -> merged tokens [N / m^2, hidden_size].
+    ``tower.features(...)`` returns the deepstack features and the last hidden state too (:class:`VisionFeatures`).
 
     backend: "vlfuse" (fused ops) or "eager" (the same weights through the reference; see vlfuse.nn.backends).
     """
@@ -158,16 +191,40 @@ class VisionTower(nn.Module):
             embed_dim=config.embed_dim,
             patch_size=config.patch_size,
             temporal_patch_size=config.temporal_patch_size,
+            bias=config.patch_bias,
             backend=backend,
         )
+        if config.num_position_embeddings:
+            self.pos_embed = nn.Embedding(config.num_position_embeddings, config.embed_dim)
+        else:
+            self.pos_embed = None
         self.blocks = nn.ModuleList(VisionBlock(config, backend) for _ in range(config.depth))
+        merger_names = "qwen3" if config.param_names == "qwen3" else "qwen2"
         self.merger = PatchMerger(
             config.hidden_size, config.embed_dim, merge_size=config.spatial_merge_size, norm=config.norm,
-            backend=backend,
-        )
+            backend=backend, names=merger_names,
+        )  # fmt: skip
+        self._deepstack_name = "merger_list" if config.param_names == "qwen3_omni" else "deepstack_merger_list"
+        if config.deepstack_visual_indexes:
+            deepstack = nn.ModuleList(
+                PatchMerger(
+                    config.hidden_size, config.embed_dim, merge_size=config.spatial_merge_size, norm=config.norm,
+                    backend=backend, postshuffle_norm=True, names=merger_names,
+                )  # fmt: skip
+                for _ in config.deepstack_visual_indexes
+            )
+            self.add_module(self._deepstack_name, deepstack)
+        # block index -> its deepstack merger: the first position of the block in the list, as HF's .index()
+        indexes = list(config.deepstack_visual_indexes)
+        self.deepstack_at = {i: indexes.index(i) for i in range(config.depth) if i in indexes}
         full = set(config.fullatt_block_indexes)
         self.windowed = tuple(bool(config.window_units) and i not in full for i in range(config.depth))
         self.gradient_checkpointing = False
+
+    @property
+    def deepstack_mergers(self) -> nn.ModuleList | None:
+        """The deepstack mergers (HF's ``deepstack_merger_list``, Qwen3-Omni's ``merger_list``), or None."""
+        return self._modules.get(self._deepstack_name)
 
     @property
     def backend(self) -> str:
@@ -179,7 +236,9 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_tower: nn.Module, backend: str = "vlfuse", share_parameters: bool = False) -> VisionTower:
-        """A tower holding the weights of HF's Qwen2-VL or Qwen2.5-VL vision tower (``model.visual``).
+        """A tower holding the weights of an HF vision tower (``model.visual``): Qwen2-VL's, Qwen2.5-VL's, or the
+        Qwen3 generation's (``Qwen3VLVisionModel``, ``Qwen3VLMoeVisionModel``, ``Qwen3_5VisionModel``,
+        ``Qwen3_5MoeVisionModel``, ``Qwen3OmniMoeVisionEncoder``, ``Qwen4ExpVisionModel``), read from its config.
 
         share_parameters: False copies them (an independent module on the same device and dtype); True makes the
         new tower use HF's very Parameter objects (nothing is allocated; training either trains both).
@@ -247,7 +306,7 @@ class VisionTower(nn.Module):
         """pixel_values [N, patch_dim]; grid_thw [items, 3], or plan= one built by :meth:`plan`;
         max_tokens: encode in chunks of whole frames of at most that many patches (see VisionPlan.build).
         Returns the merged tokens [N / m^2, hidden_size] in patch order."""
-        return self.features(pixel_values, grid_thw, plan=plan, max_tokens=max_tokens)[1]
+        return self.features(pixel_values, grid_thw, plan=plan, max_tokens=max_tokens).merged
 
     def features(
         self,
@@ -257,40 +316,66 @@ class VisionTower(nn.Module):
         plan: VisionPlan | None = None,
         max_tokens: int | None = None,
         hidden_order: str | None = None,
-    ) -> tuple[Tensor | None, Tensor]:
-        """As forward, also returning the last blocks' hidden states [N, embed_dim] when hidden_order says in which
-        order: "patch" (HF Qwen2-VL's last_hidden_state) or "window" (HF Qwen2.5-VL's); None skips them."""
+    ) -> VisionFeatures:
+        """As forward, returning everything HF's tower returns (:class:`VisionFeatures`): the merged tokens, the
+        deepstack features, and the last block's hidden states [N, embed_dim] when hidden_order says in which
+        order: "patch" (HF Qwen2-VL's and the Qwen3 generation's last_hidden_state) or "window" (HF Qwen2.5-VL's);
+        None skips them."""
         if plan is None:
             if grid_thw is None:
                 raise ValueError("VisionTower: pass grid_thw [items, 3] or a plan built by tower.plan(grid_thw)")
             plan = self.plan(grid_thw, max_tokens)
         elif max_tokens is not None:
             raise ValueError("VisionTower: with a plan, give max_tokens to tower.plan(grid_thw, max_tokens) instead")
+        if hidden_order not in (None, "patch", "window"):
+            raise ValueError(f"VisionTower: hidden_order must be None, 'patch' or 'window', got {hidden_order!r}")
         self._check(pixel_values, plan)
         if not plan.chunks:
             return self._run(pixel_values, plan, hidden_order)
         parts = [self._run(pixel_values[start:end], chunk, hidden_order) for start, end, chunk in plan.chunks]
-        hidden = None if hidden_order is None else torch.cat([h for h, _ in parts])
-        return hidden, torch.cat([m for _, m in parts])
+        return VisionFeatures(
+            merged=torch.cat([p.merged for p in parts]),
+            deepstack=tuple(torch.cat(tap) for tap in zip(*(p.deepstack for p in parts))),
+            hidden=None if hidden_order is None else torch.cat([p.hidden for p in parts]),
+        )
 
-    def _run(self, pixel_values: Tensor, plan: VisionPlan, hidden_order: str | None) -> tuple[Tensor | None, Tensor]:
+    def _embed(self, pixel_values: Tensor, plan: VisionPlan) -> Tensor:
+        """[N, embed_dim] patch embedding (+ the resampled position table) in patch order: a new tensor, which the
+        blocks may update in place in inference."""
+        if self.pos_embed is None:
+            return self.patch_embed(pixel_values)
+        proj = self.patch_embed.proj
+        weight = proj.weight.reshape(proj.weight.shape[0], -1)  # [E, C * Tp * P * P]
+        # The position rows and the conv bias are the GEMM's beta term: the whole embedding is one addmm.
+        rows = self.ops.interp_pos_embed(
+            self.pos_embed.weight, plan.grid_thw, self.config.spatial_merge_size, bias=proj.bias, tokens=plan.tokens
+        )  # [N, E]
+        return torch.addmm(rows.to(weight.dtype), pixel_values.to(weight.dtype), weight.t())
+
+    def _run(self, pixel_values: Tensor, plan: VisionPlan, hidden_order: str | None) -> VisionFeatures:
         units = plan.tokens // (plan.merge_size * plan.merge_size)
+        x = self._embed(pixel_values, plan)
         if plan.unit_order is not None:
-            pixel_values = pixel_values.reshape(units, -1)[plan.unit_order].reshape(plan.tokens, -1)
-        x = self.patch_embed(pixel_values)  # a new tensor: in inference the blocks may update it in place
+            x = x.reshape(units, -1)[plan.unit_order].reshape(plan.tokens, -1)
         freqs = self.rope_freqs(x.device)
         training = torch.is_grad_enabled()
-        for block, windowed in zip(self.blocks, self.windowed):
+        deepstack_mergers = self.deepstack_mergers
+        deepstack = []
+        for index, (block, windowed) in enumerate(zip(self.blocks, self.windowed)):
             segments = plan.window if windowed else plan.full
             if self.gradient_checkpointing and training:
                 x = checkpoint(block, x, plan.positions, freqs, segments, use_reentrant=False)
             else:
                 x = block(x, plan.positions, freqs, segments, inplace=not training)
+            if index in self.deepstack_at:
+                # before the next block, which may update x in place
+                deepstack.append(deepstack_mergers[self.deepstack_at[index]](x))
         merged = self.merger(x)
         if plan.unit_restore is not None:
             merged = merged[plan.unit_restore]
+            deepstack = [tap[plan.unit_restore] for tap in deepstack]
         hidden = None
         if hidden_order is not None:
             order = {"patch": plan.unit_restore, "window": plan.window_order}[hidden_order]
             hidden = x if order is None else x.reshape(units, -1)[order].reshape(plan.tokens, -1)
-        return hidden, merged
+        return VisionFeatures(merged=merged, deepstack=tuple(deepstack), hidden=hidden)

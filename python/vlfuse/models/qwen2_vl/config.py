@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -27,6 +28,9 @@ CHAR_VOCAB_SPECIALS = {
     "<|image_pad|>": 262,
     "<|video_pad|>": 263,
 }
+
+
+_PARAM_NAMES = ("qwen2", "qwen3", "qwen3_omni")
 
 
 @dataclass
@@ -49,6 +53,17 @@ class Qwen2VLVisionConfig:
     gated_mlp: bool = False
     window_size: int = 0
     fullatt_block_indexes: tuple[int, ...] = ()
+    # The Qwen3 generation (Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen3-Omni, Qwen4): a Conv3d bias; a learned
+    # square position table of num_position_embeddings rows, resampled bilinearly to every grid and added to the
+    # patch embedding (0: none); deepstack mergers (LayerNorm over the whole merged row) fed by the blocks at
+    # deepstack_visual_indexes (positions in that list pick the merger, as in HF; indexes >= depth never run).
+    patch_bias: bool = False
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
+    # HF's parameter names: "qwen2" (mlp.fc1 / fc2, merger ln_q + mlp.0 / mlp.2), "qwen3" (mlp.linear_fc1 /
+    # linear_fc2, merger norm + linear_fc1 / linear_fc2, deepstack_merger_list) or "qwen3_omni" (mlp.linear_fc1 /
+    # linear_fc2, merger ln_q + mlp.0 / mlp.2, merger_list)
+    param_names: str = "qwen2"
 
     @property
     def head_dim(self) -> int:
@@ -68,6 +83,11 @@ class Qwen2VLVisionConfig:
         """Length of one flattened patch vector: C * Tp * P * P."""
         return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
 
+    @property
+    def position_side(self) -> int:
+        """The side of the square learned position table (0: the tower has none)."""
+        return math.isqrt(self.num_position_embeddings)
+
     def validate(self) -> None:
         if self.embed_dim % self.num_heads:
             raise ValueError(f"vision embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
@@ -75,6 +95,17 @@ class Qwen2VLVisionConfig:
             raise ValueError(f"vision head_dim {self.head_dim} must be a multiple of 4 (2-D rotary over h and w)")
         if self.norm not in ("layernorm", "rmsnorm"):
             raise ValueError(f"vision norm must be 'layernorm' or 'rmsnorm', got {self.norm!r}")
+        if self.num_position_embeddings < 0 or self.position_side**2 != self.num_position_embeddings:
+            raise ValueError(
+                f"vision num_position_embeddings {self.num_position_embeddings} must be a square (S * S rows of a "
+                "square position grid) or 0"
+            )
+        if any(i < 0 for i in self.deepstack_visual_indexes):
+            raise ValueError(
+                f"vision deepstack_visual_indexes must be block indexes, got {self.deepstack_visual_indexes}"
+            )
+        if self.param_names not in _PARAM_NAMES:
+            raise ValueError(f"vision param_names must be one of {_PARAM_NAMES}, got {self.param_names!r}")
         if self.window_size and self.window_units < 1:
             raise ValueError(
                 f"vision window_size {self.window_size} is smaller than one merge unit "
@@ -83,10 +114,27 @@ class Qwen2VLVisionConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "Qwen2VLVisionConfig":
-        """From an HF vision config dict: Qwen2-VL's, or Qwen2.5-VL's (recognised by its ``out_hidden_size``:
-        there ``hidden_size`` is the ViT width and the merger projects to ``out_hidden_size``)."""
+        """From an HF vision config dict: Qwen2-VL's; Qwen2.5-VL's (recognised by its ``out_hidden_size``: there
+        ``hidden_size`` is the ViT width and the merger projects to ``out_hidden_size``); or the Qwen3 generation's
+        (Qwen3-VL, Qwen3-VL-MoE, Qwen3.5, Qwen3.5-MoE, Qwen3-Omni's vision encoder, Qwen4: recognised by its
+        ``num_position_embeddings``; Qwen3-Omni's parameter names by its ``model_type``)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        if "out_hidden_size" in d:
+        for key in ("patch_size", "temporal_patch_size"):
+            if isinstance(d.get(key), (list, tuple)):
+                if len(set(d[key])) != 1:
+                    raise ValueError(f"vision {key} {list(d[key])}: only square patches are supported")
+                d = {**d, key: d[key][0]}
+        if "num_position_embeddings" in d:
+            omni = str(d.get("model_type", "")).startswith("qwen3_omni")
+            d = {
+                **{k: v for k, v in d.items() if k not in ("hidden_size", "out_hidden_size")},
+                "embed_dim": d["hidden_size"],
+                "hidden_size": d["out_hidden_size"],
+                "patch_bias": True,
+                "deepstack_visual_indexes": tuple(d.get("deepstack_visual_indexes") or ()),
+                "param_names": "qwen3_omni" if omni else "qwen3",
+            }
+        elif "out_hidden_size" in d:
             d = {
                 **{k: v for k, v in d.items() if k not in ("hidden_size", "out_hidden_size")},
                 "embed_dim": d["hidden_size"],
@@ -104,9 +152,12 @@ class Qwen2VLVisionConfig:
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict:
+        if self.num_position_embeddings:
+            return self._qwen3_hf_dict()
         d = dataclasses.asdict(self)
         defaults = type(self)()
-        for name in ("norm", "intermediate_size", "gated_mlp", "window_size", "fullatt_block_indexes"):
+        for name in ("norm", "intermediate_size", "gated_mlp", "window_size", "fullatt_block_indexes", "patch_bias",
+                     "num_position_embeddings", "deepstack_visual_indexes", "param_names"):  # fmt: skip
             if d[name] == getattr(defaults, name):
                 del d[name]
         theta = d.pop("rope_theta")
@@ -115,6 +166,25 @@ class Qwen2VLVisionConfig:
         d["rope_parameters"] = {"rope_type": "axial", "rope_theta": theta}
         d["model_type"] = "qwen2_vl_vision"
         return d
+
+    def _qwen3_hf_dict(self) -> dict:
+        """The Qwen3 generation's layout (``hidden_size`` the ViT width, ``out_hidden_size`` the merger's)."""
+        return {
+            "depth": self.depth,
+            "hidden_size": self.embed_dim,
+            "out_hidden_size": self.hidden_size,
+            "hidden_act": self.hidden_act,
+            "intermediate_size": self.mlp_dim,
+            "num_heads": self.num_heads,
+            "in_channels": self.in_channels,
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "spatial_merge_size": self.spatial_merge_size,
+            "num_position_embeddings": self.num_position_embeddings,
+            "deepstack_visual_indexes": list(self.deepstack_visual_indexes),
+            "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta},
+            "model_type": "qwen3_omni_moe_vision_encoder" if self.param_names == "qwen3_omni" else "qwen3_vl_vision",
+        }
 
 
 @dataclass
