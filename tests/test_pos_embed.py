@@ -293,8 +293,10 @@ ERRORS = [
     ("table empty", dict(table_rows=0), ValueError, OP + r"table must have side \* side rows .* got 0 rows"),
     ("table int", dict(table_dtype=torch.int32), TypeError,
      OP + r"table must be float32, float64, float16 or bfloat16, got Int"),
-    ("table 1-D", dict(table_1d=True), ValueError, OP + r"table must be 2-D \[side \* side, channels\], got shape \[144\]"),
-    ("table no channels", dict(channels=0), ValueError, OP + r"table must have at least one channel, got shape \[36, 0\]"),
+    ("table 1-D", dict(table_1d=True), ValueError,
+     OP + r"table must be 2-D \[side \* side, channels\], got shape \[144\]"),
+    ("table no channels", dict(channels=0), ValueError,
+     OP + r"table must have at least one channel, got shape \[36, 0\]"),
     ("grid h not multiple", dict(grid=[[1, 3, 4]]), ValueError,
      OP + r"grid_thw row 0 = \(1, 3, 4\) has h or w not a multiple of merge_size = 2"),
     ("grid w not multiple", dict(grid=[[1, 2, 2], [2, 4, 5]]), ValueError,
@@ -341,8 +343,11 @@ def test_fake_kernel_raises_the_eager_error(name, kwargs, error, match):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     call = _bad_call(kwargs)
-    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(error, match=match):
+    with pytest.raises(error) as eager:
         call()
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(error) as fake:
+        call()
+    assert str(fake.value) == str(eager.value)
 
 
 @pytest.mark.parametrize(
@@ -353,7 +358,8 @@ def test_fake_kernel_raises_the_eager_error(name, kwargs, error, match):
         (lambda g, grid: (g, grid, 0, 2), ValueError, r"interp_pos_embed_backward: side must be >= 1, got 0"),
         (lambda g, grid: (g[:5], grid, 6, 2), ValueError,
          r"interp_pos_embed_backward: grad_out.size\(0\) = 5 but grid_thw describes 8 tokens"),
-        (lambda g, grid: (g, grid[:, :2], 6, 2), ValueError, r"interp_pos_embed_backward: grid_thw must be \[items, 3\]"),
+        (lambda g, grid: (g, grid[:, :2], 6, 2), ValueError,
+         r"interp_pos_embed_backward: grid_thw must be \[items, 3\]"),
     ],
 )  # fmt: skip
 def test_backward_op_bad_arguments(args, error, match):

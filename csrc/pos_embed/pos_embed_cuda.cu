@@ -169,8 +169,8 @@ __global__ void axis_firsts_kernel(const Params p, int32_t* __restrict__ firsts)
   const int64_t item = e / (2 * stride), axis = e / stride % 2, i = e % stride;
   const int64_t* g = p.grid + item * p.grid_stride0;
   const int64_t t = g[0], h = g[p.grid_stride1], w = g[2 * p.grid_stride1];
-  firsts[e] = valid_item(t, h, w, p.merge_size) ? static_cast<int32_t>(first_target<int64_t>(i, axis == 0 ? h : w, p.side))
-                                                : 0;
+  const bool holds_tokens = valid_item(t, h, w, p.merge_size);
+  firsts[e] = holds_tokens ? static_cast<int32_t>(first_target<int64_t>(i, axis == 0 ? h : w, p.side)) : 0;
 }
 
 template <typename scalar_t, int VEC>
@@ -300,7 +300,8 @@ void pos_embed_backward_cuda(const Params& params) {
   }
   check_sizes("interp_pos_embed_backward", p);
   const int64_t entries = p.items * 2 * (p.side + 1);
-  c10::DataPtr firsts = c10::cuda::CUDACachingAllocator::get()->allocate(std::max<int64_t>(entries, 1) * sizeof(int32_t));
+  c10::DataPtr firsts =
+      c10::cuda::CUDACachingAllocator::get()->allocate(std::max<int64_t>(entries, 1) * sizeof(int32_t));
   auto* firsts_ptr = static_cast<int32_t*>(firsts.get());
   if (entries > 0) {
     axis_firsts_kernel<<<static_cast<unsigned>((entries + kFirstsThreads - 1) / kFirstsThreads), kFirstsThreads, 0,
