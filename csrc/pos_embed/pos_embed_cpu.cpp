@@ -5,10 +5,14 @@
 // it (the inverse tap ranges of pos_embed.h), in a fixed order: deterministic, no shared partial buffers, every
 // row written once. A row's terms (token, weight) are listed first, then summed a register tile of channels at a
 // time.
+// Both only combine rows lane by lane, so whole blocks go through cpu::BlockIO, whose lane order may be permuted
+// (bfloat16 on AVX2: a load is a shift or a mask, where the natural order widens with shuffles); the bias is laid
+// out in that order once per call, and a row's shorter last block takes VecIO's natural order.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -35,6 +39,42 @@ ItemGrid item_grid(const Params& p, int64_t item) {
   return {g[0], g[p.grid_stride1], g[2 * p.grid_stride1]};
 }
 
+// Loads or stores the block of n elements at p: a whole block (kWhole) in BlockIO's lane order, the shorter last
+// block of a row in natural order.
+template <typename scalar_t, bool kWhole>
+struct Block {
+  using IO = cpu::VecIO<scalar_t>;
+  using fVec = typename IO::fVec;
+  static inline void load(const scalar_t* p, int64_t n, fVec* v) {
+    if constexpr (kWhole) {
+      cpu::BlockIO<scalar_t>::load(p, v);
+    } else {
+      IO::load(p, n, v);
+    }
+  }
+  static inline void store(scalar_t* p, int64_t n, const fVec* v, bool stream = false) {
+    if constexpr (kWhole) {
+      cpu::BlockIO<scalar_t>::store(p, v, stream);
+    } else {
+      IO::store(p, n, v, stream);
+    }
+  }
+};
+
+// Calls f(c, n, whole) for each block [c, c + n) of a row of C elements; whole is std::true_type for the blocks of
+// IO::kBlock elements, std::false_type for a shorter last one.
+template <typename scalar_t, typename F>
+inline void for_blocks(int64_t C, F&& f) {
+  constexpr int64_t kBlock = cpu::VecIO<scalar_t>::kBlock;
+  int64_t c = 0;
+  for (; c + kBlock <= C; c += kBlock) {
+    f(c, kBlock, std::true_type{});
+  }
+  if (c < C) {
+    f(c, C - c, std::false_type{});
+  }
+}
+
 template <typename scalar_t>
 void forward_impl(const Params& p) {
   using IO = cpu::VecIO<scalar_t>;
@@ -43,8 +83,12 @@ void forward_impl(const Params& p) {
   constexpr int kParts = IO::kAccPerBlock;
   const int64_t C = p.channels;
   const auto* table = static_cast<const scalar_t*>(p.table);
-  const auto* bias = static_cast<const acc_t*>(p.bias);
   auto* out = static_cast<scalar_t*>(p.out);
+  std::vector<acc_t> bias_blocked(p.bias != nullptr ? C : 0);
+  if (p.bias != nullptr) {
+    cpu::reorder_blocks<scalar_t>(static_cast<const acc_t*>(p.bias), C, bias_blocked.data(), /*to_block=*/true);
+  }
+  const acc_t* bias = p.bias != nullptr ? bias_blocked.data() : nullptr;
   const bool stream = cpu::prefer_streaming_stores(p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t grain = std::max<int64_t>(1, 16384 / C);
   at::parallel_for(0, p.tokens, grain, [&](int64_t begin, int64_t end) {
@@ -62,15 +106,15 @@ void forward_impl(const Params& p) {
         weight[k] = fVec(static_cast<acc_t>(taps.weight[k]));
       }
       scalar_t* dst = out + tok * C;
-      for (int64_t c = 0; c < C; c += IO::kBlock) {
-        const int64_t n = std::min<int64_t>(IO::kBlock, C - c);
+      for_blocks<scalar_t>(C, [&](int64_t c, int64_t n, auto whole) {
+        using B = Block<scalar_t, decltype(whole)::value>;
         fVec acc[kParts], v[kParts];
-        IO::load(rows[0] + c, n, v);
+        B::load(rows[0] + c, n, v);
         for (int q = 0; q < kParts; ++q) {
           acc[q] = v[q] * weight[0];
         }
         for (int k = 1; k < 4; ++k) {
-          IO::load(rows[k] + c, n, v);
+          B::load(rows[k] + c, n, v);
           for (int q = 0; q < kParts; ++q) {
             acc[q] = at::vec::fmadd(v[q], weight[k], acc[q]);
           }
@@ -81,8 +125,8 @@ void forward_impl(const Params& p) {
             acc[q] = acc[q] + v[q];
           }
         }
-        IO::store(dst + c, n, acc, stream);
-      }
+        B::store(dst + c, n, acc, stream);
+      });
     }
     if (stream) {
       cpu::stream_fence();
@@ -147,33 +191,39 @@ void backward_impl(const Params& p) {
         }
       }
       scalar_t* dst = grad_table + cell * C;
-      for (int64_t c0 = 0; c0 < C; c0 += kTile * IO::kBlock) {
-        fVec acc[kTile][kParts];
-        for (int u = 0; u < kTile; ++u) {
+      // kTile whole blocks at a time, then the rest of the row (whole blocks and a shorter last one) one by one.
+      const auto sum_terms = [&]<int kBlocks, bool kWhole>(int64_t c0, int64_t n) {
+        using B = Block<scalar_t, kWhole>;
+        fVec acc[kBlocks][kParts];
+        for (int u = 0; u < kBlocks; ++u) {
           for (int q = 0; q < kParts; ++q) {
             acc[u][q] = fVec(acc_t(0));
           }
         }
         for (const auto& [token, weight] : terms) {
-          const scalar_t* src = grad + token * p.grad_out_stride;
+          const scalar_t* src = grad + token * p.grad_out_stride + c0;
           const fVec w(weight);
-          for (int u = 0; u < kTile; ++u) {
-            const int64_t c = c0 + u * IO::kBlock;
-            if (c < C) {
-              fVec v[kParts];
-              IO::load(src + c, std::min<int64_t>(IO::kBlock, C - c), v);
-              for (int q = 0; q < kParts; ++q) {
-                acc[u][q] = at::vec::fmadd(v[q], w, acc[u][q]);
-              }
+          for (int u = 0; u < kBlocks; ++u) {
+            fVec v[kParts];
+            B::load(src + u * IO::kBlock, n, v);
+            for (int q = 0; q < kParts; ++q) {
+              acc[u][q] = at::vec::fmadd(v[q], w, acc[u][q]);
             }
           }
         }
-        for (int u = 0; u < kTile; ++u) {
-          const int64_t c = c0 + u * IO::kBlock;
-          if (c < C) {
-            IO::store(dst + c, std::min<int64_t>(IO::kBlock, C - c), acc[u]);
-          }
+        for (int u = 0; u < kBlocks; ++u) {
+          B::store(dst + c0 + u * IO::kBlock, n, acc[u]);
         }
+      };
+      int64_t c = 0;
+      for (; c + kTile * IO::kBlock <= C; c += kTile * IO::kBlock) {
+        sum_terms.template operator()<kTile, true>(c, IO::kBlock);
+      }
+      for (; c + IO::kBlock <= C; c += IO::kBlock) {
+        sum_terms.template operator()<1, true>(c, IO::kBlock);
+      }
+      if (c < C) {
+        sum_terms.template operator()<1, false>(c, C - c);
       }
     }
   });
