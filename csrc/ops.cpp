@@ -30,4 +30,13 @@ TORCH_LIBRARY(vlfuse, m) {
   m.def("merge2x2(Tensor x, Tensor? grid_thw, Tensor weight, Tensor? bias, float eps, str norm, str order, int merge_size) -> (Tensor, Tensor, Tensor)");
   // Gradients w.r.t. x, weight, bias; those output_mask leaves out come back as empty [0] tensors.
   m.def("merge2x2_backward(Tensor grad_out, Tensor x, Tensor? grid_thw, Tensor weight, Tensor mean, Tensor rstd, str norm, str order, int merge_size, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- learned position table resampling (csrc/pos_embed) ------------------------------------------------
+  // table [side * side, C] -> [tokens, C] in table's dtype: the table bilinearly resampled (align_corners=True)
+  // to each item's (h, w) patch grid, rows in merge order and repeated for every frame, plus bias [C] when
+  // given. tokens = sum of t * h * w: optional with grid_thw on the host (checked against it), required with
+  // grid_thw on the GPU (which is then read only there).
+  m.def("interp_pos_embed(Tensor table, Tensor grid_thw, int merge_size, Tensor? bias=None, int? tokens=None) -> Tensor");
+  // Gradient of interp_pos_embed with respect to table: grad_out [tokens, C] -> [side * side, C].
+  m.def("interp_pos_embed_backward(Tensor grad_out, Tensor grid_thw, int side, int merge_size) -> Tensor");
 }

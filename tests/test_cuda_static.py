@@ -24,6 +24,7 @@ SOURCES = {
     "merge": "csrc/merge/merge_cuda.cu",
     "rope": "csrc/rope/rope_cuda.cu",
     "patchify": "csrc/patchify/patchify_cuda.cu",
+    "pos_embed": "csrc/pos_embed/pos_embed_cuda.cu",
 }
 ARCH = "sm_90a"
 
@@ -166,6 +167,7 @@ REGISTER_BOUNDS = {
     ],
     "rope": [(r"", 64)],
     "patchify": [(r"", 48)],
+    "pos_embed": [(r"^forward_kernel<", 64), (r"^backward_kernel<", 56), (r"", 48)],
 }
 
 
@@ -213,3 +215,14 @@ def test_merge_accumulates_in_shared_memory(compiled):
         assert not generic, f"{name}: generic loads/stores {generic}"
     for name, ops in _kernels(compiled, "merge", r"^backward_kernel<.*, true>$").items():
         assert any(op.startswith("LDS") for op in ops) and any(op.startswith("STS") for op in ops), name
+
+
+def test_pos_embed_kernels_call_no_subroutine_and_store_16_bytes(compiled):
+    # A 64-bit integer division, or the float division's slow path, is a subroutine call: the registers saved
+    # around it spilled in the backward's loops (pos_embed.h spells out the division's fast path instead).
+    for name, ops in _kernels(compiled, "pos_embed", r"^(forward|backward)_kernel<").items():
+        calls = sum(n for op, n in ops.items() if op.startswith("CALL"))
+        assert calls == 0 and ops["I2F.U64.RP"] == 0, f"{name}: {calls} calls, {ops['I2F.U64.RP']} I2F.U64.RP"
+    for name, ops in _kernels(compiled, "pos_embed", r"^(forward|backward)_kernel<[^,]+, [248]>$").items():
+        stores = {op for op in ops if op.startswith("STG")}
+        assert stores == {"STG.E.128"}, f"{name}: global stores {stores}"

@@ -29,6 +29,7 @@ X = torch.randn(8, 6)  # two 2x2 windows
 GRID = torch.tensor([[2, 2, 2]])
 LN_W, LN_B = torch.ones(6), torch.zeros(6)
 WEIGHT = torch.randn(8, 3, 2, 14, 14)
+TABLE = torch.randn(36, 6)  # a 6 x 6 position table
 
 CASES = [
     # ---- rope_qkv ----
@@ -116,6 +117,20 @@ CASES = [
     ("merge2x2 grid negative", lambda: ops.merge2x2(X, torch.tensor([[-2, 2, 2]]), LN_W), ValueError, ["grid_thw row 0", "negative"]),
     ("merge2x2 grid tokens", lambda: ops.merge2x2(X, torch.tensor([[1, 2, 2]]), LN_W), ValueError, ["describes 4 tokens", "x has 8"]),
     ("merge2x2 grid tokens raster", lambda: ops.merge2x2(X, torch.tensor([[3, 2, 2]]), LN_W, order="raster"), ValueError, ["describes 12 tokens"]),
+    # ---- interp_pos_embed ----
+    ("interp_pos_embed int table", lambda: ops.interp_pos_embed(TABLE.long(), GRID), TypeError, ["table", "float32"]),
+    ("interp_pos_embed 1-D table", lambda: ops.interp_pos_embed(TABLE[0], GRID), ValueError, ["table", "2-D"]),
+    ("interp_pos_embed table not square", lambda: ops.interp_pos_embed(TABLE[:35], GRID), ValueError, ["side * side rows", "got 35 rows"]),
+    ("interp_pos_embed no channels", lambda: ops.interp_pos_embed(TABLE[:, :0], GRID), ValueError, ["table", "at least one channel"]),
+    ("interp_pos_embed merge_size 0", lambda: ops.interp_pos_embed(TABLE, GRID, 0), ValueError, ["merge_size", ">= 1"]),
+    ("interp_pos_embed bias shape", lambda: ops.interp_pos_embed(TABLE, GRID, 2, LN_B[:5]), ValueError, ["bias", "[channels] = [6]"]),
+    ("interp_pos_embed bias dtype", lambda: ops.interp_pos_embed(TABLE, GRID, 2, LN_B.double()), TypeError, ["bias has dtype Double", "table has Float"]),
+    ("interp_pos_embed grid dtype", lambda: ops.interp_pos_embed(TABLE, GRID.float()), TypeError, ["grid_thw", "int64"]),
+    ("interp_pos_embed grid shape", lambda: ops.interp_pos_embed(TABLE, GRID[0]), ValueError, ["grid_thw", "[items, 3]"]),
+    ("interp_pos_embed tokens negative", lambda: ops.interp_pos_embed(TABLE, GRID, tokens=-1), ValueError, ["tokens", ">= 0"]),
+    ("interp_pos_embed grid odd", lambda: ops.interp_pos_embed(TABLE, torch.tensor([[1, 2, 3]])), ValueError, ["grid_thw row 0", "merge_size = 2"]),
+    ("interp_pos_embed grid negative", lambda: ops.interp_pos_embed(TABLE, torch.tensor([[-1, 2, 2]])), ValueError, ["grid_thw row 0", "negative"]),
+    ("interp_pos_embed grid tokens", lambda: ops.interp_pos_embed(TABLE, GRID, tokens=4), ValueError, ["tokens = 4", "describes 8 tokens"]),
     ("smart_resize zero", lambda: ops.smart_resize(0, 100), ValueError, ["height and width", "positive"]),
     ("smart_resize aspect", lambda: ops.smart_resize(28, 28 * 300), ValueError, ["aspect ratio"]),
 ]
@@ -148,6 +163,10 @@ def test_device_mix_is_rejected():
         ops.merge2x2(X.cuda(), GRID, LN_W)
     with pytest.raises(RuntimeError, match="frames\\[1\\] is on"):
         ops.patchify([frames().cuda(), frames()])
+    with pytest.raises(RuntimeError, match="bias is on cpu but table is on cuda"):
+        ops.interp_pos_embed(TABLE.cuda(), GRID, 2, LN_B)
+    with pytest.raises(RuntimeError, match="grid_thw is on cuda:0 but table is on cpu"):
+        ops.interp_pos_embed(TABLE, GRID.cuda())
 
 
 def test_nan_and_inf_propagate():
@@ -172,7 +191,8 @@ def test_nan_and_inf_propagate():
 # graph's C++ op checks them when it runs) and calls that fail in Python before any op (the vision helpers,
 # smart_resize, patchify's empty list).
 NOT_OP_CHECKS = ("vision_", "smart_resize", "patchify empty list", "merge2x2 grid odd", "merge2x2 grid negative",
-                 "merge2x2 grid tokens")
+                 "merge2x2 grid tokens", "interp_pos_embed grid odd", "interp_pos_embed grid negative",
+                 "interp_pos_embed grid tokens")
 FAKE_CASES = [c for c in CASES if not c[0].startswith(NOT_OP_CHECKS)]
 
 
@@ -191,7 +211,7 @@ def test_fake_kernel_raises_the_eager_error(call, exc, words):
 
 
 COMPILED_CASES = ["rope_qkv layout", "rope k dtype", "rope_cos_sin sin rows", "patchify height 30", "patch_embed K mismatch",
-                  "merge2x2 norm", "merge2x2 grid shape"]
+                  "merge2x2 norm", "merge2x2 grid shape", "interp_pos_embed table not square"]
 
 
 @pytest.mark.parametrize("case", COMPILED_CASES)
@@ -233,6 +253,9 @@ BACKWARD_CASES = [
     ("merge2x2_backward mean dtype", lambda: torch.ops.vlfuse.merge2x2_backward(MERGED, X, GRID, LN_W, STATS.double(), STATS, "layernorm", "merge", 2, [True, True, True]), ValueError),
     ("merge2x2_backward rstd shape", lambda: torch.ops.vlfuse.merge2x2_backward(MERGED, X, GRID, LN_W, STATS, STATS[:4], "layernorm", "merge", 2, [True, True, True]), ValueError),
     ("merge2x2_backward grad_out dtype", lambda: torch.ops.vlfuse.merge2x2_backward(MERGED.double(), X, GRID, LN_W, STATS, STATS, "layernorm", "merge", 2, [True, True, True]), TypeError),
+    ("interp_pos_embed_backward side", lambda: torch.ops.vlfuse.interp_pos_embed_backward(X, GRID, 0, 2), ValueError),
+    ("interp_pos_embed_backward grad_out dtype", lambda: torch.ops.vlfuse.interp_pos_embed_backward(X.long(), GRID, 6, 2), TypeError),
+    ("interp_pos_embed_backward grid shape", lambda: torch.ops.vlfuse.interp_pos_embed_backward(X, GRID[:, :2], 6, 2), ValueError),
 ]
 
 

@@ -216,6 +216,7 @@ def test_racecheck_leaves_out_the_cublas_calls_and_checks_the_rest(gpu_tools, mo
     names = [case["name"] for case in json.loads((gpu_tools.work / "exercise-racecheck.json").read_text())["cases"]]
     assert not [n for n in names if n.startswith(("patch_embed", "embed_frames"))]
     assert [n for n in names if n.startswith("patchify")] and [n for n in names if n.startswith("merge2x2")]
+    assert [n for n in names if n.startswith("interp_pos_embed")]
 
 
 def test_a_sanitizer_breakdown_is_an_error_not_a_finding(gpu_tools, monkeypatch):

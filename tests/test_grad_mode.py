@@ -33,6 +33,7 @@ def _cases():
     cos, sin = torch.randn(S, D), torch.randn(S, D)
     x, weight, bias = torch.randn(S, C), torch.rand(C) + 0.5, torch.randn(C)
     patches, embed_w = torch.randn(S, 24), torch.randn(5, 24)
+    table = torch.randn(9, C)  # a 3 x 3 position table
     # (name, function, its tensor arguments, which of them are differentiable)
     return [
         ("rope_qkv", lambda a, b, c: ops.rope_qkv(a, b, c, H, "hsd"), [qkv, positions, freqs], [0, 2]),
@@ -40,6 +41,7 @@ def _cases():
         ("rope_cos_sin", ops.rope_cos_sin, [q, k, cos, sin], [0, 1, 2, 3]),
         ("merge2x2", lambda a, g, w, b: ops.merge2x2(a, g, w, b), [x, grid, weight, bias], [0, 2, 3]),
         ("patch_embed", ops.patch_embed, [patches, embed_w], [0, 1]),
+        ("interp_pos_embed", lambda t, g, b: ops.interp_pos_embed(t, g, 2, b), [table, grid, bias], [0, 2]),
     ]
 
 

@@ -22,7 +22,9 @@ CAP = {"DEFAULT": "default", "AVX2": "avx2", "AVX512": "avx512"}
 # own generated C++ is unreliable on the AVX-512 CPU this was written on (torch 2.14.1): the compiled backward of
 # a plain (x @ w.t()).square().sum() gives wrong values and corrupts the heap without vlfuse, and test_patchify's
 # inductor test gives NaN under ATEN_CPU_CAPABILITY=avx2 while its aot_eager twin is exact.
-KERNEL_TESTS = ("test_rope.py", "test_merge.py", "test_patchify.py", "test_large.py", "test_fuzz.py")
+KERNEL_TESTS = (
+    "test_rope.py", "test_merge.py", "test_patchify.py", "test_pos_embed.py", "test_large.py", "test_fuzz.py"
+)
 HERE = Path(__file__).resolve().parent
 
 

@@ -188,3 +188,49 @@ def merge2x2(
     if order == "raster":
         y = y[raster_merge_index(grid_thw, merge_size).to(y.device)]
     return y.reshape(-1, merge_size * merge_size * x.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# learned position table resampling (section owned by csrc/pos_embed)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _bilinear_axis(n: int, side: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Taps (lo, hi) and weights of the n target positions of one axis into `side` table entries, align_corners
+    (target 0 -> entry 0, target n - 1 -> entry side - 1), in float32: src = r * (side - 1) / (n - 1)."""
+    r = torch.arange(n, dtype=torch.float32)
+    src = r * (side - 1) / torch.full((n,), max(n - 1, 1), dtype=torch.float32)
+    lo = src.floor()
+    w_lo = 1 - (src - lo)
+    lo = lo.long().clamp(0, side - 1)
+    return lo, (lo + 1).clamp(max=side - 1), w_lo, 1 - w_lo
+
+
+def interp_pos_embed(
+    table: Tensor, grid_thw: Tensor, merge_size: int = 2, bias: Tensor | None = None, tokens: int | None = None
+) -> Tensor:
+    """table [side * side, C] -> [N, C], N = sum of t * h * w: per item, the table seen as a [side, side] grid
+    bilinearly resampled to [h, w] (align_corners=True; the weights are products of the float32 axis weights),
+    put in merge order (m x m blocks row-major, each block row-major) and repeated for each of the t frames; plus
+    bias. Sums in float32 (float64 for float64), cast to table's dtype once. tokens, when given, must equal N."""
+    side = int(round(table.shape[0] ** 0.5))
+    C, m = table.shape[1], merge_size
+    acc = _acc(table.dtype)
+    grid = table.to(acc).reshape(side, side, C)
+    parts = []
+    for t, h, w in grid_thw.tolist():
+        row_lo, row_hi, row_w_lo, row_w_hi = _bilinear_axis(h, side)
+        col_lo, col_hi, col_w_lo, col_w_hi = _bilinear_axis(w, side)
+        frame = torch.zeros(h, w, C, dtype=acc, device=table.device)
+        for rows, row_w in ((row_lo, row_w_lo), (row_hi, row_w_hi)):
+            for cols, col_w in ((col_lo, col_w_lo), (col_hi, col_w_hi)):
+                weight = (row_w[:, None] * col_w[None, :]).to(acc).to(table.device)
+                frame = frame + grid[rows.to(table.device)][:, cols.to(table.device)] * weight[..., None]
+        frame = frame.reshape(h // m, m, w // m, m, C).permute(0, 2, 1, 3, 4).reshape(h * w, C)
+        parts.append(frame.repeat(t, 1))
+    out = torch.cat(parts) if parts else torch.zeros(0, C, dtype=acc, device=table.device)
+    if tokens is not None and tokens != out.shape[0]:
+        raise ValueError(f"tokens = {tokens} but grid_thw describes {out.shape[0]} tokens")
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(table.dtype)

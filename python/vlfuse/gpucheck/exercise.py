@@ -4,7 +4,7 @@ The script compute-sanitizer runs (``python -m vlfuse.gpucheck.exercise --device
 frame counts, every head_dim the vision towers use (64, 72, 80, 128), row strides that break vector alignment
 and ones that keep it, int32 and int64 positions, both output layouts, merge sizes 2 and 3. ``--profile`` instead
 runs the memory-bound kernels once at a full Qwen2-VL size (16 images of 448 x 448: 16384 tokens, bfloat16, the
-merge at C = 1280), the workload the Nsight Compute step measures.
+merge at C = 1280, Qwen3-VL's 48 x 48 position table at C = 1152), the workload the Nsight Compute step measures.
 """
 
 from __future__ import annotations
@@ -240,8 +240,38 @@ def merge_calls(device: str) -> list[Call]:
     return calls
 
 
+def pos_embed_calls(device: str) -> list[Call]:
+    calls = []
+    # (table side, grid, channels, dtype, bias, grid on the device (with tokens) or on the host)
+    for side, grid, channels, dtype, bias, grid_on_device in (
+        (48, ((1, 16, 22), (3, 8, 12)), 1152, torch.bfloat16, True, False),
+        (48, ((1, 16, 22), (3, 8, 12)), 1152, torch.bfloat16, True, True),
+        (6, ((1, 10, 14), (2, 2, 4)), 77, torch.float32, True, True),
+        (5, ((1, 2, 8), (1, 6, 2)), 40, torch.float16, False, False),
+    ):
+        grid_thw = torch.tensor(grid)
+        tokens = sum(t * h * w for t, h, w in grid)
+        table = torch.randn(side * side, channels, device=device, dtype=dtype)
+        inputs = [table] + ([torch.randn(channels, device=device, dtype=dtype)] if bias else [])
+
+        def pos_fn(op, table, *bias, grid_thw=grid_thw, tokens=tokens, on_device=grid_on_device):
+            grid_arg = grid_thw.to(table.device) if on_device else grid_thw
+            return op(table, grid_arg, 2, bias[0] if bias else None, tokens if on_device else None)
+
+        calls.append(
+            Call(f"interp_pos_embed side={side} C={channels} grid={list(grid)}{' +bias' if bias else ''}"
+                 f"{' device grid' if grid_on_device else ''}", dtype,
+                 lambda *a, f=pos_fn: f(ops.interp_pos_embed, *a),
+                 lambda *a, f=pos_fn: f(reference.interp_pos_embed, *a), inputs, tuple(range(len(inputs))))
+        )  # fmt: skip
+    return calls
+
+
 def all_calls(device: str) -> list[Call]:
-    return rope_qkv_calls(device) + rope_calls(device) + patchify_calls(device) + merge_calls(device)
+    return (
+        rope_qkv_calls(device) + rope_calls(device) + patchify_calls(device) + merge_calls(device)
+        + pos_embed_calls(device)
+    )  # fmt: skip
 
 
 def profile_workload(device: str, tiny: bool) -> None:
@@ -261,9 +291,15 @@ def profile_workload(device: str, tiny: bool) -> None:
     torch.autograd.backward([q, k, v], [torch.randn_like(q), torch.randn_like(k), torch.randn_like(v)])
     frames = [torch.randint(0, 256, (1, 3, side * 14, side * 14), dtype=torch.uint8, device=device)] * items
     ops.patchify(frames, out_dtype=torch.bfloat16)
+    # Qwen3-VL's 48 x 48 table at its tower width, resampled to the same grid (the device grid, as its tower has it)
+    table_side, table_width = (4, 64) if tiny else (48, 1152)
+    table = torch.randn(table_side**2, table_width, device=device, dtype=torch.bfloat16, requires_grad=True)
+    positions = ops.interp_pos_embed(table, grid, 2, tokens=tokens)
+    positions.backward(torch.randn_like(positions))
     if device == "cuda":
         torch.cuda.synchronize()
-    print(f"profile workload: {tokens} tokens, merge C={channels}, rope_qkv {heads}x{head_dim}, bfloat16, on {device}")
+    print(f"profile workload: {tokens} tokens, merge C={channels}, rope_qkv {heads}x{head_dim}, position table "
+          f"{table_side}x{table_side} C={table_width}, bfloat16, on {device}")
 
 
 def main(argv: list[str] | None = None) -> int:

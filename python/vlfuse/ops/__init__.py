@@ -3,6 +3,7 @@ documented on it), its fake kernel for torch.compile, and its autograd registrat
 
 from .merge import merge2x2
 from .patchify import CLIP_MEAN, CLIP_STD, embed_frames, patch_embed, patchify, smart_resize
+from .pos_embed import interp_pos_embed
 from .rope import rope, rope_, rope_cos_sin, rope_qkv, vision_positions, vision_rope_freqs
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "merge2x2",
+    "interp_pos_embed",
 ]
