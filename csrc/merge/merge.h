@@ -83,14 +83,16 @@ C10_HOST_DEVICE inline I raster_token(I r, I row_begin, I h, I w, I m, I k) {
   return row_begin * m * m + frame * h * w + (hb * m + a) * w + wb * m + b;
 }
 
-// The tokens of output row r's window, located once per row (raster order's item search) so that each slot's
-// token is a few multiplies: token(k) is the token index (row of x) of window slot k, increasing with k.
+// The tokens of output row r's window, located once per row (raster order's item search and divisions) so
+// that each slot's token is token(k) = first + (k / m) * pitch + k % m: the token index (row of x) of window
+// slot k, increasing with k. Merge order has pitch m (tokens r*m^2 .. r*m^2 + m^2 - 1); raster order the
+// frame's width w.
 template <typename I>
 struct RowWindow {
-  Order order;
-  I r, m, row_begin, h, w;
+  I r, m, first, pitch;
   C10_HOST_DEVICE inline I token(I k) const {
-    return order == Order::Merge ? r * m * m + k : raster_token<I>(r, row_begin, h, w, m, k);
+    const I a = k / m;
+    return first + a * pitch + (k - a * m);
   }
 };
 
@@ -100,18 +102,21 @@ template <typename I>
 C10_HOST_DEVICE inline RowWindow<I> row_window(Order order, I r, I m, const int64_t* grid, int64_t grid_stride0,
                                                int64_t grid_stride1, const int64_t* offsets, I items) {
   if (order == Order::Merge) {
-    return {order, r, m, I(0), I(0), I(0)};
+    return {r, m, r * m * m, m};
   }
   const I item = find_item<I>(offsets, items, r);
   const int64_t* g = grid + item * grid_stride0;
-  return {order, r, m, static_cast<I>(offsets[item]), static_cast<I>(g[grid_stride1]),
-          static_cast<I>(g[2 * grid_stride1])};
+  const I w = static_cast<I>(g[2 * grid_stride1]);
+  return {r, m, raster_token<I>(r, static_cast<I>(offsets[item]), static_cast<I>(g[grid_stride1]), w, m, I(0)), w};
 }
 
 // Token index of window slot k of output row r.
 template <typename I>
 C10_HOST_DEVICE inline I source_token(Order order, I r, I k, I m, const int64_t* grid, int64_t grid_stride0,
                                       int64_t grid_stride1, const int64_t* offsets, I items) {
+  if (order == Order::Merge) {
+    return r * m * m + k;
+  }
   return row_window<I>(order, r, m, grid, grid_stride0, grid_stride1, offsets, items).token(k);
 }
 

@@ -7,9 +7,9 @@
 // walks the same way with a merged row's m^2 tokens as the unit: one statistics pass over all of them (still
 // one read of each from memory: a window is a few KB), then the per-token normalizing pass with the row's
 // statistics and the window slot's part of the [m^2 * C] weight and bias; its backward takes kGradGroup rows'
-// sums, then one pass per window slot over those rows' tokens of that slot. Both prefetch the tokens read next during the
-// last pass over the current ones, so a first pass does not wait on memory, and write with streaming stores
-// when the call's data outgrows the caches it can count on (cpu::prefer_streaming_stores).
+// sums, then one pass per window slot over those rows' tokens of that slot. Both prefetch the tokens read next
+// during the last pass over the current ones, so a first pass does not wait on memory, and write with
+// streaming stores when the call's data outgrows the caches it can count on (cpu::prefer_streaming_stores).
 //
 // The row passes keep their accumulators in registers: every loop below is over whole blocks with a
 // compile-time width (Full) and compile-time accumulator indices, and only the last, shorter block of a row
