@@ -189,12 +189,18 @@ def test_register_counts_within_bounds(compiled, module):
         assert r["registers"] <= bound, f"{name} uses {r['registers']} registers (bound {bound})"
 
 
-def test_rope_vector_kernels_store_16_bytes_at_once(compiled):
-    # Both halves of every rotated pack (out_lo, out_hi) and the copied v are single 16-byte stores; a narrower
-    # global store there means a pack was split into element stores. The coefficients come as 16-byte loads.
+ELEMENT_BYTES = {"float": 4, "double": 8, "bf16": 2, "fp16": 2}
+
+
+def test_rope_vector_kernels_store_whole_packs_at_once(compiled):
+    # Both halves of every rotated pack (out_lo, out_hi) and the copied v are single stores of the whole pack
+    # (16 bytes, or 8 for the half-width packs of head_dim 72 in bf16); a narrower global store there means a
+    # pack was split into element stores. The coefficients come as 16-byte loads.
     for name, ops in _kernels(compiled, "rope", r"rope_kernel<.*, ([248])>$").items():
+        scalar, vec = re.match(r"rope_kernel<(\w+), .*, (\d+)>$", name).groups()
+        store = {16: "STG.E.128", 8: "STG.E.64"}[ELEMENT_BYTES[scalar] * int(vec)]
         stores = {op: n for op, n in ops.items() if op.startswith("STG")}
-        assert set(stores) == {"STG.E.128"} and stores["STG.E.128"] >= 3, f"{name}: global stores {stores}"
+        assert set(stores) == {store} and stores[store] >= 3, f"{name}: global stores {stores}"
         shared_loads = {op: n for op, n in ops.items() if op.startswith("LDS")}
         assert set(shared_loads) == {"LDS.128"}, f"{name}: shared loads {shared_loads}"
 

@@ -2,7 +2,8 @@
 // tokens. A tile's coefficients (cos/sin per token and pair) are computed once into a small per-thread table
 // and reused by every head of q and k. Rows are converted to and from float one accumulator vector at a time
 // (8 elements on AVX2, 16 on AVX-512): a head_dim of 80 (40 pairs) has no partial vector on AVX2, and on AVX-512
-// its last 8 pairs are done as the whole vector of pairs 24-39 (see rotate_row).
+// its last 8 pairs are done as the whole vector of pairs 24-39 (see rotate_row). Qwen3-VL's 72 (36 pairs) ends
+// each half with such an overlapping vector too (pairs 28-35 on AVX2, 20-35 on AVX-512), never a masked one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -43,6 +44,22 @@ constexpr bool kPermutedRows =
     cpu::BlockIO<scalar_t>::kPermuted;
 #endif
 
+// Pairs [0, block_extent) of a row go through BlockIO's permuted whole blocks (see rotate_row); the rest in
+// natural order. All whole blocks, except that a rest shorter than a vector, after a whole block, takes the last
+// block back into the natural-order part, which then ends with an overlapping whole vector instead of a masked
+// partial one (36 pairs in bf16 on AVX2: one 16-pair block, then 20 pairs as vectors at 16, 24 and 28).
+template <typename scalar_t>
+constexpr int64_t block_extent(int64_t half) {
+  if constexpr (!kPermutedRows<scalar_t>) {
+    return 0;
+  } else {
+    constexpr int64_t kBlock = cpu::VecIO<scalar_t>::kBlock;
+    constexpr int64_t W = Vectorized<at::opmath_type<scalar_t>>::size();
+    const int64_t whole = half / kBlock * kBlock, rest = half - whole;
+    return rest % W != 0 && rest < W && whole > 0 ? whole - kBlock : whole;
+  }
+}
+
 // Per-pair coefficients of one token (see rope.h). With angles, c2/s2 equal c1/s1 (kShared) and each vector of
 // them is loaded once instead of twice.
 template <typename acc_t>
@@ -77,12 +94,13 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
   constexpr int64_t W = fVec::size();
   int64_t i = 0;
   if constexpr (kPermutedRows<scalar_t>) {
+    const int64_t extent = block_extent<scalar_t>(half);
     // Whole blocks in BlockIO's lane order, which costs fewer conversion instructions than the natural order;
     // the coefficient rows are laid out the same way (permute_coeff_rows), and the rest of the row, shorter
     // than a block, is in natural order in both.
     constexpr int64_t kBlock = cpu::VecIO<scalar_t>::kBlock;
     constexpr int kParts = cpu::VecIO<scalar_t>::kAccPerBlock;
-    for (; i + kBlock <= half; i += kBlock) {
+    for (; i < extent; i += kBlock) {
       fVec lo[kParts], hi[kParts], a[kParts], b[kParts];
       Block::load(x + i, lo);
       Block::load(x + half + i, hi);
@@ -193,15 +211,17 @@ void tile_coeffs(const Params& p, int64_t s0, int64_t count, acc_t* table) {
   }
 }
 
-// Puts each of the `tables` coefficient tables' `count` rows of half values (table k, row t at
-// table + k * kTileTokens * half + t * half) into BlockIO<scalar_t>'s lane order, for rotate_row's block loop.
+// Puts the first block_extent values of each of the `tables` coefficient tables' `count` rows of half values
+// (table k, row t at table + k * kTileTokens * half + t * half) into BlockIO<scalar_t>'s lane order, for
+// rotate_row's block loop.
 template <typename scalar_t, typename acc_t>
 void permute_coeff_rows(acc_t* table, int tables, int64_t count, int64_t half, std::vector<acc_t>& scratch) {
-  scratch.resize(half);
+  const int64_t extent = block_extent<scalar_t>(half);
+  scratch.resize(extent);
   for (int k = 0; k < tables; ++k) {
     for (int64_t t = 0; t < count; ++t) {
       acc_t* row = table + k * kTileTokens * half + t * half;
-      cpu::reorder_blocks<scalar_t>(row, half, scratch.data(), /*to_block=*/true);
+      cpu::reorder_blocks<scalar_t>(row, extent, scratch.data(), /*to_block=*/true);
       std::copy(scratch.begin(), scratch.end(), row);
     }
   }
@@ -249,7 +269,7 @@ void rope_impl(const Params& p) {
   const int64_t tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_elems * kTileTokens, 1));
 
-  // The models' head dims (64, 80, 128) get walks with their pair count fixed at compile time, so every row
+  // The models' head dims (64, 72, 80, 128) get walks with their pair count fixed at compile time, so every row
   // loop unrolls completely (no counters, no tail tests); others take the general walk (kHalf = 0).
   const auto walk = [&](auto shared, auto fixed_half) {
     constexpr bool kShared = decltype(shared)::value;
@@ -313,6 +333,8 @@ void rope_impl(const Params& p) {
     switch (half) {
       case 32:
         return walk(shared, std::integral_constant<int64_t, 32>{});
+      case 36:
+        return walk(shared, std::integral_constant<int64_t, 36>{});
       case 40:
         return walk(shared, std::integral_constant<int64_t, 40>{});
       case 64:
