@@ -153,8 +153,8 @@ def _kernels(compiled, module: str, pattern: str) -> dict:
 # regression fails while compiler noise does not. On sm_90 (64K registers, 2048 threads per SM), registers a
 # thread -> warps resident per SM: 32 -> 64, 40 -> 48, 48 -> 40, 64 -> 32, 96 -> 20, 128 -> 16, 168 -> 12.
 # merge's kernels hold kLoads 16-byte packs of each row per lane (the third template argument; the last is
-# kPostshuffle) and grow with it; at Qwen2-VL's C = 1280 the backward (bf16: 5 packs, 96 registers) is held to 16 warps by its shared
-# memory anyway.
+# kPostshuffle) and grow with it; at Qwen2-VL's C = 1280 the backward (bf16: 5 packs, 96 registers) is held to
+# 16 warps by its shared memory anyway.
 REGISTER_BOUNDS = {
     "merge": [
         (r"^forward_kernel<[^,]+, \d+, (16|12), ", 112),

@@ -109,7 +109,8 @@ def test_rope_qkv_qwen2vl_2b_head_shape(device):
 
 
 # Qwen3-VL's vision heads: 16 x 72. The rotate-half split falls at 36 pairs, which no 16-byte bf16 vector (8)
-# divides: the kernels end each half with an overlapping whole vector (CPU) or use 8-byte vectors (CUDA).
+# divides: the CPU kernel ends each half with an overlapping whole vector or (bf16 on AVX2) a 4-pair 128-bit
+# step, the CUDA kernel uses 8-byte vectors.
 QWEN3_HEADS, QWEN3_HEAD_DIM = 16, 72
 
 

@@ -3,7 +3,8 @@
 // and reused by every head of q and k. Rows are converted to and from float one accumulator vector at a time
 // (8 elements on AVX2, 16 on AVX-512): a head_dim of 80 (40 pairs) has no partial vector on AVX2, and on AVX-512
 // its last 8 pairs are done as the whole vector of pairs 24-39 (see rotate_row). Qwen3-VL's 72 (36 pairs) ends
-// each half with such an overlapping vector too (pairs 28-35 on AVX2, 20-35 on AVX-512), never a masked one.
+// each half with such an overlapping vector too (pairs 28-35 on AVX2, 20-35 on AVX-512), or, bfloat16 on AVX2,
+// with 4 pairs in 128-bit registers after two whole blocks (rotate_quarter): never a masked or scalar one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -44,10 +45,14 @@ constexpr bool kPermutedRows =
     cpu::BlockIO<scalar_t>::kPermuted;
 #endif
 
+// Pairs a permuted row ends with in 128-bit registers (rotate_quarter), after its whole blocks: half a float
+// vector, as in Qwen3-VL's head_dim 72 (36 pairs: two 16-pair blocks and 4).
+constexpr int64_t kQuarterPairs = 4;
+
 // Pairs [0, block_extent) of a row go through BlockIO's permuted whole blocks (see rotate_row); the rest in
-// natural order. All whole blocks, except that a rest shorter than a vector, after a whole block, takes the last
-// block back into the natural-order part, which then ends with an overlapping whole vector instead of a masked
-// partial one (36 pairs in bf16 on AVX2: one 16-pair block, then 20 pairs as vectors at 16, 24 and 28).
+// natural order. All whole blocks, except that a rest shorter than a vector (and not kQuarterPairs), after a
+// whole block, takes the last block back into the natural-order part, which then ends with an overlapping
+// whole vector instead of a masked partial one.
 template <typename scalar_t>
 constexpr int64_t block_extent(int64_t half) {
   if constexpr (!kPermutedRows<scalar_t>) {
@@ -56,7 +61,7 @@ constexpr int64_t block_extent(int64_t half) {
     constexpr int64_t kBlock = cpu::VecIO<scalar_t>::kBlock;
     constexpr int64_t W = Vectorized<at::opmath_type<scalar_t>>::size();
     const int64_t whole = half / kBlock * kBlock, rest = half - whole;
-    return rest % W != 0 && rest < W && whole > 0 ? whole - kBlock : whole;
+    return rest % W != 0 && rest < W && rest != kQuarterPairs && whole > 0 ? whole - kBlock : whole;
   }
 }
 
@@ -82,6 +87,34 @@ inline void rotate_vec(const Vectorized<acc_t>& lo, const Vectorized<acc_t>& hi,
     rope::rotate_pair<fVec>(lo, hi, c1, s1, fVec::loadu(c.c2 + o), fVec::loadu(c.s2 + o), a, b);
   }
 }
+
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// Rotates pairs [i, i + kQuarterPairs) of a bfloat16 row (natural order, in the row and in the coefficients)
+// with 8-byte loads and stores of 128-bit registers: neither a partial 256-bit vector (a scalar loop through
+// the stack on AVX2) nor an overlapping one (which would read coefficients the blocks before hold permuted).
+template <bool kShared>
+inline void rotate_quarter(const c10::BFloat16* x, c10::BFloat16* y, int64_t half, int64_t i,
+                           const TokenCoeffs<float>& c, bool stream) {
+  const auto load = [](const c10::BFloat16* p) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));  // a bfloat16 is a float's high half
+  };
+  const auto store = [stream](c10::BFloat16* p, __m128 v) {
+    const __m128i packed = at::vec::cvtfp32_bf16(_mm256_zextps128_ps256(v));  // rounds to nearest even
+    if (stream) {
+      _mm_stream_si64(reinterpret_cast<long long*>(p), _mm_cvtsi128_si64(packed));
+    } else {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), packed);
+    }
+  };
+  const __m128 c1 = _mm_loadu_ps(c.c1 + i), s1 = _mm_loadu_ps(c.s1 + i);
+  const __m128 c2 = kShared ? c1 : _mm_loadu_ps(c.c2 + i), s2 = kShared ? s1 : _mm_loadu_ps(c.s2 + i);
+  __m128 a, b;
+  rope::rotate_pair<__m128>(load(x + i), load(x + half + i), c1, s1, c2, s2, a, b);
+  store(y + i, a);
+  store(y + half + i, b);
+}
+#endif
 
 // kHalf: the pair count when the walk fixed it at compile time (see rope_impl), else 0 and runtime_half says it.
 template <bool kShared, int64_t kHalf, typename scalar_t>
@@ -110,6 +143,12 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
       Block::store(y + i, a, stream);
       Block::store(y + half + i, b, stream);
     }
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    if (half - i == kQuarterPairs) {
+      rotate_quarter<kShared>(x, y, half, i, c, stream);
+      return;
+    }
+#endif
   }
   // A partial last vector, when the natural-order part has a whole one before it, is done as the whole vector
   // that ends the row, overlapping its neighbour: masked stores are avoided, as a later load that touches a
