@@ -27,9 +27,11 @@ TORCH_LIBRARY(vlfuse, m) {
   // ---- 2x2 token merge (csrc/merge) ---------------------------------------------------------------------
   // x [S, C] -> normalized and gathered [S / m^2, m^2 * C], plus per-token mean and rstd [S] (float32; float64
   // for float64 x; mean is [0] for rmsnorm) for backward. grid_thw [items, 3] may be None for order="merge".
-  m.def("merge2x2(Tensor x, Tensor? grid_thw, Tensor weight, Tensor? bias, float eps, str norm, str order, int merge_size) -> (Tensor, Tensor, Tensor)");
+  // postshuffle_norm (Qwen3-VL's deepstack mergers): the norm runs over each merged row of m^2 * C values, with
+  // weight and bias [m^2 * C] and mean, rstd [S / m^2].
+  m.def("merge2x2(Tensor x, Tensor? grid_thw, Tensor weight, Tensor? bias, float eps, str norm, str order, int merge_size, bool postshuffle_norm=False) -> (Tensor, Tensor, Tensor)");
   // Gradients w.r.t. x, weight, bias; those output_mask leaves out come back as empty [0] tensors.
-  m.def("merge2x2_backward(Tensor grad_out, Tensor x, Tensor? grid_thw, Tensor weight, Tensor mean, Tensor rstd, str norm, str order, int merge_size, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("merge2x2_backward(Tensor grad_out, Tensor x, Tensor? grid_thw, Tensor weight, Tensor mean, Tensor rstd, str norm, str order, int merge_size, bool[3] output_mask, bool postshuffle_norm=False) -> (Tensor, Tensor, Tensor)");
 
   // ---- learned position table resampling (csrc/pos_embed) ------------------------------------------------
   // table [side * side, C] -> [tokens, C] in table's dtype: the table bilinearly resampled (align_corners=True)

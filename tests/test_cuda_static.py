@@ -153,12 +153,12 @@ def _kernels(compiled, module: str, pattern: str) -> dict:
 # Register bounds per kernel (name pattern, first match wins), a little above what nvcc 13.0 allocates, so a
 # regression fails while compiler noise does not. On sm_90 (64K registers, 2048 threads per SM), registers a
 # thread -> warps resident per SM: 32 -> 64, 40 -> 48, 48 -> 40, 64 -> 32, 96 -> 20, 128 -> 16, 168 -> 12.
-# merge's kernels hold kLoads 16-byte packs of each row per lane (the third template argument) and grow with
-# it; at Qwen2-VL's C = 1280 the backward (bf16: 5 packs, 96 registers) is held to 16 warps by its shared
-# memory anyway.
+# merge's kernels hold kLoads 16-byte packs of each row per lane (the third template argument; the last is
+# kPostshuffle) and grow with it; at Qwen2-VL's C = 1280 the backward (bf16: 5 packs, 96 registers) is held to
+# 16 warps by its shared memory anyway.
 REGISTER_BOUNDS = {
     "merge": [
-        (r"^forward_kernel<[^,]+, \d+, (16|12)>", 112),
+        (r"^forward_kernel<[^,]+, \d+, (16|12), ", 112),
         (r"^forward_kernel<", 80),
         (r"^backward_kernel<[^,]+, \d+, (12|10), ", 176),
         (r"^backward_kernel<[^,]+, \d+, (8|6), ", 128),
@@ -191,12 +191,18 @@ def test_register_counts_within_bounds(compiled, module):
         assert r["registers"] <= bound, f"{name} uses {r['registers']} registers (bound {bound})"
 
 
-def test_rope_vector_kernels_store_16_bytes_at_once(compiled):
-    # Both halves of every rotated pack (out_lo, out_hi) and the copied v are single 16-byte stores; a narrower
-    # global store there means a pack was split into element stores. The coefficients come as 16-byte loads.
+ELEMENT_BYTES = {"float": 4, "double": 8, "bf16": 2, "fp16": 2}
+
+
+def test_rope_vector_kernels_store_whole_packs_at_once(compiled):
+    # Both halves of every rotated pack (out_lo, out_hi) and the copied v are single stores of the whole pack
+    # (16 bytes, or 8 for the half-width packs of head_dim 72 in bf16); a narrower global store there means a
+    # pack was split into element stores. The coefficients come as 16-byte loads.
     for name, ops in _kernels(compiled, "rope", r"rope_kernel<.*, ([248])>$").items():
+        scalar, vec = re.match(r"rope_kernel<(\w+), .*, (\d+)>$", name).groups()
+        store = {16: "STG.E.128", 8: "STG.E.64"}[ELEMENT_BYTES[scalar] * int(vec)]
         stores = {op: n for op, n in ops.items() if op.startswith("STG")}
-        assert set(stores) == {"STG.E.128"} and stores["STG.E.128"] >= 3, f"{name}: global stores {stores}"
+        assert set(stores) == {store} and stores[store] >= 3, f"{name}: global stores {stores}"
         shared_loads = {op: n for op, n in ops.items() if op.startswith("LDS")}
         assert set(shared_loads) == {"LDS.128"}, f"{name}: shared loads {shared_loads}"
 
@@ -213,7 +219,7 @@ def test_merge_accumulates_in_shared_memory(compiled):
     for name, ops in kernels.items():
         generic = {op: n for op, n in ops.items() if re.match(r"(LD|ST)\.", op)}
         assert not generic, f"{name}: generic loads/stores {generic}"
-    for name, ops in _kernels(compiled, "merge", r"^backward_kernel<.*, true>$").items():
+    for name, ops in _kernels(compiled, "merge", r"^backward_kernel<[^,]+, \d+, \d+, true, ").items():
         assert any(op.startswith("LDS") for op in ops) and any(op.startswith("STS") for op in ops), name
 
 

@@ -109,6 +109,8 @@ CASES = [
     ("merge2x2 eps nan", lambda: ops.merge2x2(X, GRID, LN_W, eps=float("nan")), ValueError, ["eps", "finite"]),
     ("merge2x2 weight shape", lambda: ops.merge2x2(X, GRID, LN_W[:5]), ValueError, ["weight", "[channels] = [6]"]),
     ("merge2x2 bias shape", lambda: ops.merge2x2(X, GRID, LN_W, LN_B[:2]), ValueError, ["bias", "[channels]"]),
+    ("merge2x2 postshuffle weight shape", lambda: ops.merge2x2(X, GRID, LN_W, postshuffle_norm=True), ValueError, ["weight", "[merge_size^2 * channels] = [24]"]),
+    ("merge2x2 postshuffle bias shape", lambda: ops.merge2x2(X, GRID, LN_W.repeat(4), LN_B, postshuffle_norm=True), ValueError, ["bias", "[merge_size^2 * channels] = [24]"]),
     ("merge2x2 rmsnorm bias", lambda: ops.merge2x2(X, GRID, LN_W, LN_B, norm="rmsnorm"), ValueError, ["bias must be None", "rmsnorm"]),
     ("merge2x2 raster no grid", lambda: ops.merge2x2(X, None, LN_W, order="raster"), ValueError, ["grid_thw is required", "raster"]),
     ("merge2x2 grid dtype", lambda: ops.merge2x2(X, GRID.float(), LN_W), TypeError, ["grid_thw", "int64"]),

@@ -428,3 +428,221 @@ def test_cuda_unaligned_rows_use_the_scalar_path():
     x, weight, bias = make_inputs(grid, torch.bfloat16, "cuda", channels=37, row_pad=3)
     torch.testing.assert_close(ops.merge2x2(x, grid, weight, bias, order="raster"),
                                ref.merge2x2(x, grid, weight, bias, order="raster"), **tol(torch.bfloat16, 4))
+
+
+# ---- postshuffle_norm: the norm over each merged row (Qwen3-VL's deepstack mergers) ---------------------------
+
+
+def make_postshuffle_inputs(grid, dtype, device, m=2, channels=CHANNELS, norm="layernorm"):
+    x, _, _ = make_inputs(grid, dtype, device, channels=channels, norm=norm)
+    n = m * m * channels
+    weight = (torch.randn(n) + 1).to(device=device, dtype=dtype)
+    bias = torch.randn(n).to(device=device, dtype=dtype) if norm == "layernorm" else None
+    return x, weight, bias
+
+
+def postshuffle(x, grid, weight, bias, norm="layernorm", order="merge", m=2, impl=ops):
+    return impl.merge2x2(x, grid, weight, bias, norm=norm, order=order, merge_size=m, postshuffle_norm=True)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("blocks", list(BLOCK_GRIDS.values()), ids=list(BLOCK_GRIDS))
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("order", ["merge", "raster"])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_postshuffle_matches_reference(device, dtype, blocks, norm, order, m):
+    grid = make_grid(blocks, m)
+    x, weight, bias = make_postshuffle_inputs(grid, dtype, device, m, norm=norm)
+    got = postshuffle(x, grid, weight, bias, norm, order, m)
+    want = postshuffle(x, grid, weight, bias, norm, order, m, impl=ref)
+    assert got.shape == (x.shape[0] // (m * m), m * m * CHANNELS) and got.dtype == dtype and got.is_contiguous()
+    torch.testing.assert_close(got, want, **tol(dtype, scale=4))
+
+
+def hf_qwen3_merger(channels, out_dim=32):
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionPatchMerger
+
+    config = Qwen3VLVisionConfig(hidden_size=channels, out_hidden_size=out_dim, spatial_merge_size=2)
+    merger = Qwen3VLVisionPatchMerger(config, use_postshuffle_norm=True)
+    with torch.no_grad():
+        merger.norm.weight.copy_(torch.randn_like(merger.norm.weight) * 0.1 + 1)
+        merger.norm.bias.copy_(torch.randn_like(merger.norm.bias) * 0.1)
+    return merger
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks", [BLOCK_GRIDS["two_images"], [[3, 2, 1]], BLOCK_GRIDS["non_square"]],
+                         ids=["two_images", "video_odd_t_non_square", "non_square"])
+@pytest.mark.parametrize("channels", [CHANNELS, 1152])
+def test_postshuffle_equals_hf_qwen3_deepstack_norm(device, dtype, blocks, channels):
+    """merge order with postshuffle_norm is HF's Qwen3VLVisionPatchMerger(use_postshuffle_norm=True) norm path,
+    `norm(x.view(-1, 4 * C))` (LayerNorm over 4 * C, eps 1e-6); 1152 is Qwen3-VL's width."""
+    hf = hf_qwen3_merger(channels).to(device=device, dtype=dtype)
+    grid = make_grid(blocks, 2)
+    x, _, _ = make_inputs(grid, dtype, device, channels=channels)
+    with torch.no_grad():
+        want = hf.norm(x.reshape(-1, 4 * channels))
+    got = ops.merge2x2(x, grid, hf.norm.weight, hf.norm.bias, eps=hf.norm.eps, postshuffle_norm=True)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        torch.testing.assert_close(got, want, **tol(dtype))
+
+
+def test_postshuffle_merger_matches_hf_qwen3_merger_end_to_end():
+    """The whole deepstack merger with our norm in front of HF's MLP equals HF's merger."""
+    hf = hf_qwen3_merger(CHANNELS)
+    grid = make_grid(BLOCK_GRIDS["image_and_video"], 2)
+    x, _, _ = make_inputs(grid, torch.float32, "cpu")
+    with torch.no_grad():
+        normed = ops.merge2x2(x, grid, hf.norm.weight, hf.norm.bias, postshuffle_norm=True)
+        got = hf.linear_fc2(hf.act_fn(hf.linear_fc1(normed)))
+        want = hf(x.contiguous())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("order", ["merge", "raster"])
+def test_postshuffle_backward_matches_float64_autograd_of_reference(device, dtype, norm, order):
+    grid = make_grid(BLOCK_GRIDS["image_and_video"], 2)
+    x, weight, bias = make_postshuffle_inputs(grid, dtype, device, norm=norm)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out = postshuffle(leaves[0], grid, leaves[1], leaves[2] if bias is not None else None, norm, order)
+    out64 = postshuffle(leaves64[0], grid, leaves64[1], leaves64[2] if bias is not None else None, norm, order,
+                        impl=ref)
+    g = torch.randn(out.shape, device=device)
+    grads = torch.autograd.grad(out, leaves, g.to(dtype))
+    grads64 = torch.autograd.grad(out64, leaves64, g.double().to(dtype).double())
+    for got, want in zip(grads, grads64):
+        scale = want.abs().max().item()
+        err = (got.double() - want).abs().max().item()
+        limit = 1e-4 if dtype == torch.float32 else 4 * tol(dtype)["rtol"]
+        assert err <= limit * max(scale, 1.0), (err, scale)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_postshuffle_non_contiguous_x_and_statistics_per_merged_row(device):
+    grid = make_grid(BLOCK_GRIDS["video_odd_t"], 2)
+    x, weight, bias = make_postshuffle_inputs(grid, torch.float32, device)
+    transposed = x.t().contiguous().t()  # inner stride S: not unit
+    assert transposed.stride(1) != 1
+    want = postshuffle(x, grid, weight, bias, impl=ref)
+    for variant in (x, transposed):
+        torch.testing.assert_close(postshuffle(variant, grid, weight, bias), want, rtol=1e-5, atol=1e-5)
+    _, mean, rstd = torch.ops.vlfuse.merge2x2(x, grid, weight, bias, 1e-6, "layernorm", "merge", 2, True)
+    rows = x.reshape(-1, 4 * CHANNELS).double()
+    assert mean.shape == rstd.shape == (x.shape[0] // 4,)
+    torch.testing.assert_close(mean.double(), rows.mean(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), torch.rsqrt(rows.var(-1, unbiased=False) + 1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_postshuffle_statistics_of_rows_with_a_large_common_offset(device):
+    """Shifted sums keep the variance of a merged row whose tokens share a large offset (mean^2 = 2e8 var),
+    measured against the float64 reference: the float32 mean alone is good to half an ulp of 300 (1.5e-5, 1e-3
+    of a standard deviation), and the float32 reference is twice as far off as the kernel."""
+    grid = make_grid(BLOCK_GRIDS["two_images"], 2)
+    x, weight, bias = make_postshuffle_inputs(grid, torch.float32, device, channels=1152)
+    x = x * 0.01 + 300.0
+    exact = postshuffle(x.double(), grid, weight.double(), bias.double(), impl=ref)
+    got = postshuffle(x, grid, weight, bias)
+    assert (got.double() - exact).abs().max().item() <= 1e-3 * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("order", ["merge", "raster"])
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_postshuffle_gradcheck_float64(norm, order, m):
+    grid = make_grid([[1, 1, 2], [3, 1, 1]], m)
+    x, weight, bias = make_postshuffle_inputs(grid, torch.float64, "cpu", m, channels=5, norm=norm)
+    inputs = [x.detach().requires_grad_(), weight.detach().requires_grad_()]
+    if bias is not None:
+        inputs.append(bias.detach().requires_grad_())
+
+    def f(x, weight, bias=None):
+        return postshuffle(x, grid, weight, bias, norm, order, m)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_postshuffle_opcheck(device):
+    grid = make_grid(BLOCK_GRIDS["image_and_video"], 2)
+    for norm in ("layernorm", "rmsnorm"):
+        for order in ("merge", "raster"):
+            for dtype in (torch.float32, torch.bfloat16):
+                x, weight, bias = make_postshuffle_inputs(grid, dtype, device, norm=norm)
+                args = (x.requires_grad_(), grid, weight.requires_grad_(), bias, 1e-6, norm, order, 2, True)
+                torch.library.opcheck(torch.ops.vlfuse.merge2x2.default, args)
+                _, mean, rstd = torch.ops.vlfuse.merge2x2(*[a.detach() if torch.is_tensor(a) else a for a in args])
+                grad_out = torch.randn(x.shape[0] // 4, 4 * CHANNELS, device=device).to(dtype)
+                for mask in ([True, True, True], [False, True, False], [True, False, False]):
+                    torch.library.opcheck(
+                        torch.ops.vlfuse.merge2x2_backward.default,
+                        (grad_out, x.detach(), grid, weight.detach(), mean, rstd, norm, order, 2, mask, True),
+                    )
+
+
+def test_postshuffle_compile_fullgraph():
+    grid = make_grid(BLOCK_GRIDS["two_images"], 2)
+    x, weight, bias = make_postshuffle_inputs(grid, torch.float32, "cpu")
+    x = x.contiguous().requires_grad_()
+
+    def f(x):
+        return postshuffle(x, grid, weight, bias, order="raster").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(x)
+    (gx,) = torch.autograd.grad(got, x)
+    want = f(x)
+    (wx,) = torch.autograd.grad(want, x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gx, wx)
+
+
+@pytest.mark.parametrize(
+    "weight_len, bias_len, match",
+    [
+        (8, 32, r"vlfuse\.merge2x2: weight must be \[merge_size\^2 \* channels\] = \[32\], got shape \[8\]"),
+        (32, 8, r"vlfuse\.merge2x2: bias must be \[merge_size\^2 \* channels\] = \[32\], got shape \[8\]"),
+    ],
+)
+def test_postshuffle_bad_parameter_size_raises_clear_error(weight_len, bias_len, match):
+    x = torch.randn(8, 8)
+    for mode in ("eager", "fake"):
+        with pytest.raises(ValueError, match=match):
+            if mode == "eager":
+                postshuffle(x, None, torch.ones(weight_len), torch.zeros(bias_len))
+            else:
+                with torch._subclasses.fake_tensor.FakeTensorMode() as fake:
+                    args = [fake.from_tensor(t) for t in (x, torch.ones(weight_len), torch.zeros(bias_len))]
+                    postshuffle(args[0], None, args[1], args[2])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("order", ["merge", "raster"])
+@pytest.mark.parametrize("channels", [40, 37, 1152, 5000])
+def test_postshuffle_cuda_matches_cpu_with_host_and_device_grids(dtype, norm, order, channels):
+    """The CUDA walks of a merged row (held in registers at 40; streamed at 1152, Qwen3-VL; the global-memory
+    partial sums at 5000; the scalar path at 37) against the CPU kernel, forward and backward."""
+    grid = make_grid(BLOCK_GRIDS["image_and_video"], 2)
+    x, weight, bias = make_postshuffle_inputs(grid, dtype, "cpu", channels=channels, norm=norm)
+    leaves_cpu = [t.detach().clone().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    out_cpu = postshuffle(leaves_cpu[0], grid, leaves_cpu[1], leaves_cpu[2] if bias is not None else None, norm, order)
+    g = torch.randn(out_cpu.shape).to(dtype)
+    grads_cpu = torch.autograd.grad(out_cpu, leaves_cpu, g)
+    for grid_dev in (grid, grid.cuda()):
+        leaves = [t.detach().cuda().requires_grad_() for t in leaves_cpu]
+        out = postshuffle(leaves[0], grid_dev, leaves[1], leaves[2] if bias is not None else None, norm, order)
+        torch.testing.assert_close(out.cpu(), out_cpu, **tol(dtype, scale=4))
+        grads = torch.autograd.grad(out, leaves, g.cuda())
+        for a, b in zip(grads, grads_cpu):
+            torch.testing.assert_close(a.cpu(), b, **tol(dtype, scale=64))

@@ -48,6 +48,26 @@ def hf_vision_rotary(grid_thw, qkv, heads):
     return q, k, v, cos, sin
 
 
+def hf_qwen3_vision_rotary(grid_thw, qkv, heads):
+    """HF transformers 5.x Qwen3-VL path (axial rope over the whole head dim): position ids -> rotary module
+    cos/sin -> apply_rotary_pos_emb_vision."""
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        Qwen3VLVisionRotaryEmbedding,
+        apply_rotary_pos_emb_vision,
+    )
+    from transformers.vision_utils import get_vision_position_ids
+
+    S, width = qkv.shape
+    head_dim = width // (3 * heads)
+    config = Qwen3VLVisionConfig(hidden_size=heads * head_dim, num_heads=heads, depth=1)
+    rotary = Qwen3VLVisionRotaryEmbedding(config).to(qkv.device)
+    cos, sin = rotary(qkv, get_vision_position_ids(grid_thw.to(qkv.device), 2))
+    q, k, v = qkv.reshape(S, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q, k, v, cos, sin
+
+
 @pytest.mark.parametrize("device", devices())
 def test_vision_positions_and_freqs_match_reference_and_hf(device):
     from transformers.vision_utils import get_vision_position_ids
@@ -57,7 +77,7 @@ def test_vision_positions_and_freqs_match_reference_and_hf(device):
         got = ops.vision_positions(g)
         torch.testing.assert_close(got.cpu(), ref.vision_positions(g.cpu()), rtol=0, atol=0)
         torch.testing.assert_close(got, get_vision_position_ids(g, 2).to(got.dtype), rtol=0, atol=0)
-    for head_dim in (16, 64, 80, 128):
+    for head_dim in (16, 64, 72, 80, 128):
         torch.testing.assert_close(ops.vision_rope_freqs(head_dim), ref.vision_rope_freqs(head_dim), rtol=0, atol=0)
     assert ops.vision_positions(torch.zeros(0, 3, dtype=torch.int64)).shape == (0, 2)
 
@@ -88,13 +108,63 @@ def test_rope_qkv_qwen2vl_2b_head_shape(device):
         torch.testing.assert_close(got, want, **tol(torch.bfloat16))
 
 
+# Qwen3-VL's vision heads: 16 x 72. The rotate-half split falls at 36 pairs, which no 16-byte bf16 vector (8)
+# divides: the CPU kernel ends each half with an overlapping whole vector or (bf16 on AVX2) a 4-pair 128-bit
+# step, the CUDA kernel uses 8-byte vectors.
+QWEN3_HEADS, QWEN3_HEAD_DIM = 16, 72
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grid", [GRIDS["two_images"], GRIDS["video_odd_t"], GRIDS["non_square"]],
+                         ids=["two_images", "video_odd_t", "non_square"])
+@pytest.mark.parametrize("layout", ["shd", "hsd"])
+def test_rope_qkv_head_dim_72_matches_hf_qwen3_vl(device, dtype, grid, layout):
+    qkv, pos, freqs, g = make_qkv(grid, dtype, device, QWEN3_HEADS, QWEN3_HEAD_DIM, row_pad=8)
+    q, k, v = ops.rope_qkv(qkv, pos, freqs, QWEN3_HEADS, layout)
+    hq, hk, hv, _, _ = hf_qwen3_vision_rotary(g, qkv, QWEN3_HEADS)
+    to_shd = (lambda t: t.transpose(0, 1)) if layout == "hsd" else (lambda t: t)
+    torch.testing.assert_close(to_shd(q), hq, **tol(dtype))
+    torch.testing.assert_close(to_shd(k), hk, **tol(dtype))
+    torch.testing.assert_close(to_shd(v), hv, rtol=0, atol=0)
+    for got, want in zip((q, k, v), ref.rope_qkv(qkv, pos, freqs, QWEN3_HEADS, layout)):
+        torch.testing.assert_close(got, want, **tol(dtype))
+    # The backward rotates the other way through the same walk.
+    leaf = qkv.detach().float().requires_grad_()
+    grads = [torch.randn(t.shape, device=device).to(dtype) for t in (q, k, v)]
+    torch.autograd.backward(ref.rope_qkv(leaf, pos, freqs, QWEN3_HEADS, layout), [t.float() for t in grads])
+    got = torch.ops.vlfuse.rope_qkv_backward(*grads, pos, freqs, layout)
+    torch.testing.assert_close(got.float(), leaf.grad, **tol(dtype, scale=2))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_cos_sin_head_dim_72_matches_hf_qwen3_vl(device, dtype):
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+    qkv, _, _, g = make_qkv(GRIDS["image_and_video"], dtype, device, QWEN3_HEADS, QWEN3_HEAD_DIM)
+    hq, hk, _, cos, sin = hf_qwen3_vision_rotary(g, qkv, QWEN3_HEADS)
+    S = qkv.shape[0]
+    q, k, _ = qkv.reshape(S, 3, QWEN3_HEADS, -1).unbind(1)  # non-contiguous views, as HF hands them over
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    got_q, got_k = ops.rope_cos_sin(q, k, cos, sin)
+    torch.testing.assert_close(got_q, hq, **tol(dtype))
+    torch.testing.assert_close(got_k, hk, **tol(dtype))
+    grads = [torch.randn_like(got_q), torch.randn_like(got_k)]
+    got_grads = torch.autograd.grad([got_q, got_k], [q, k], grads)
+    hf_leaves = [t.detach().requires_grad_() for t in (q, k)]
+    want_grads = torch.autograd.grad(apply_rotary_pos_emb_vision(*hf_leaves, cos, sin), hf_leaves, grads)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, **tol(dtype))
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("head_dim", [2, 6, 20, 36, 64, 80, 96, 128])
+@pytest.mark.parametrize("head_dim", [2, 6, 20, 36, 64, 72, 80, 96, 128])
 @pytest.mark.parametrize("layout", ["shd", "hsd"])
 def test_rope_qkv_head_dims_and_token_tiles(device, dtype, head_dim, layout):
     # pair counts below, at, and past the CPU vector width (8 or 16 floats), with partial tails, and the models'
-    # head dims (64, 80, 128); 45 tokens span several of the CPU kernel's token tiles with a short last one.
+    # head dims (64, 72, 80, 128); 45 tokens span several of the CPU kernel's token tiles with a short last one.
     # Forward and the backward op, vs the reference.
     S, heads, axes = 45, 3, 2
     qkv = torch.randn(S, 3 * heads * head_dim, device=device).to(dtype)
@@ -136,8 +206,9 @@ def test_zero_tokens(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-# 80: whole vector blocks of pairs and a tail (bf16 on AVX2; every dtype on AVX-512); 64 and 128: whole blocks only
-@pytest.mark.parametrize("head_dim", [HEAD_DIM, 64, 80, 128])
+# 80: whole vector blocks of pairs and a tail (bf16 on AVX2; every dtype on AVX-512); 72: an overlapping last
+# vector on every ISA; 64 and 128: whole blocks only
+@pytest.mark.parametrize("head_dim", [HEAD_DIM, 64, 72, 80, 128])
 def test_rope_cos_sin_equals_hf_apply_rotary_pos_emb_vision(device, dtype, head_dim):
     qkv, pos, freqs, g = make_qkv(GRIDS["image_and_video"], dtype, device, head_dim=head_dim)
     hq, hk, _, cos, sin = hf_vision_rotary(g, qkv, HEADS)
@@ -160,7 +231,8 @@ def test_rope_cos_sin_equals_hf_apply_rotary_pos_emb_vision(device, dtype, head_
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("axes", [1, 2, 3, 4])
-@pytest.mark.parametrize("D", [24, 36, 80, 128])  # 36, 80: partial last vectors, overlapped; 128: the LLM's head dim
+# 36, 72, 80: partial last vectors, overlapped; 64: whole vectors; 128: the LLM's head dim
+@pytest.mark.parametrize("D", [24, 36, 64, 72, 80, 128])
 def test_rope_multi_axis_gqa_matches_reference(device, dtype, axes, D):
     S, Hq, Hk = 37, 4, 2
     base_q = torch.randn(Hq, S, D, device=device).to(dtype)

@@ -39,8 +39,9 @@ __device__ inline Pack<T, N> load_pack(const T* src) {
   return *reinterpret_cast<const Pack<T, N>*>(src);
 }
 
-// dst in global memory. 16 bytes go as one explicit st.global.v4: a plain store of the pack, even through an
-// integer vector type, was split into 4-byte stores where the compiler merged two stores' paths (rope's out_hi).
+// dst in global memory. 16 and 8 bytes go as one explicit st.global.v4 / v2: a plain store of the pack, even
+// through an integer vector type, was split into 4-byte stores where the compiler merged two stores' paths
+// (rope's out_hi).
 template <typename T, int N>
 __device__ inline void store_pack(T* dst, const Pack<T, N>& pk) {
   using B = typename Bits<sizeof(Pack<T, N>)>::type;
@@ -49,6 +50,8 @@ __device__ inline void store_pack(T* dst, const Pack<T, N>& pk) {
   if constexpr (sizeof(B) == 16) {
     asm("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "r"(bits.x), "r"(bits.y), "r"(bits.z), "r"(bits.w)
         : "memory");
+  } else if constexpr (sizeof(B) == 8) {
+    asm("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(bits.x), "r"(bits.y) : "memory");
   } else {
     *reinterpret_cast<B*>(dst) = bits;
   }

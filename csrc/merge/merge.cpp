@@ -51,11 +51,15 @@ Tensor check_x(const char* op, const Tensor& x, int64_t merge_size) {
   return x.stride(1) == 1 ? x : x.contiguous();
 }
 
-// Checks a [C] norm parameter and returns it contiguous in acc_t (C values: a negligible copy when needed).
-Tensor check_param(const char* op, const Tensor& t, const char* name, const Tensor& x) {
+// Checks a norm parameter, [C] or with postshuffle [m^2 * C], and returns it contiguous in acc_t (a
+// negligible copy when needed).
+Tensor check_param(const char* op, const Tensor& t, const char* name, const Tensor& x, int64_t merge_size,
+                   bool postshuffle) {
   check_same_device(t, name, x, "x", op);
   check_float_tensor(t, op, name);
-  VLFUSE_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(1), op, name, " must be [channels] = [", x.size(1),
+  const int64_t want = postshuffle ? merge_size * merge_size * x.size(1) : x.size(1);
+  VLFUSE_CHECK_VALUE(t.dim() == 1 && t.size(0) == want, op, name,
+                     postshuffle ? " must be [merge_size^2 * channels] = [" : " must be [channels] = [", want,
                      "], got shape ", t.sizes());
   return t.to(acc_type(x.scalar_type())).contiguous();
 }
@@ -114,7 +118,7 @@ std::pair<Tensor, Tensor> set_grid(Params& p, const char* op, const std::optiona
   return {grid, offsets};
 }
 
-void init(Params& p, const Tensor& x, int64_t merge_size, Norm norm, Order order) {
+void init(Params& p, const Tensor& x, int64_t merge_size, Norm norm, Order order, bool postshuffle) {
   p.x = x.data_ptr();
   p.x_stride = x.stride(0);
   p.tokens = x.size(0);
@@ -122,13 +126,14 @@ void init(Params& p, const Tensor& x, int64_t merge_size, Norm norm, Order order
   p.merge_size = merge_size;
   p.norm = norm;
   p.order = order;
+  p.postshuffle = postshuffle;
   p.dtype = static_cast<int8_t>(x.scalar_type());
   p.device_index = x.is_cuda() ? x.device().index() : -1;
 }
 
 std::tuple<Tensor, Tensor, Tensor> merge2x2(const Tensor& x_in, const std::optional<Tensor>& grid_thw,
                                             const Tensor& weight, const std::optional<Tensor>& bias, double eps, c10::string_view norm,
-                                            c10::string_view order, int64_t merge_size) {
+                                            c10::string_view order, int64_t merge_size, bool postshuffle_norm) {
   const char* op = "merge2x2";
   const Norm nrm = parse_norm(op, norm);
   const Order ord = parse_order(op, order);
@@ -138,15 +143,18 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2(const Tensor& x_in, const std::optio
                      "bias must be None for norm=\"rmsnorm\" (RMSNorm has no bias)");
   const int64_t S = x.size(0), C = x.size(1), m = merge_size;
   Params p;
-  init(p, x, m, nrm, ord);
+  init(p, x, m, nrm, ord, postshuffle_norm);
   p.eps = eps;
-  const Tensor w = check_param(op, weight, "weight", x);
-  const Tensor b = bias.has_value() && bias->defined() ? check_param(op, *bias, "bias", x) : Tensor();
+  const Tensor w = check_param(op, weight, "weight", x, m, postshuffle_norm);
+  const Tensor b =
+      bias.has_value() && bias->defined() ? check_param(op, *bias, "bias", x, m, postshuffle_norm) : Tensor();
   const auto keep_grid = set_grid(p, op, grid_thw, x);
   const auto stats_opts = x.options().dtype(acc_type(x.scalar_type()));
   Tensor out = cpu::empty_output({S / (m * m), m * m * C}, x.options());
-  Tensor mean = at::empty({nrm == Norm::LayerNorm ? S : 0}, stats_opts);
-  Tensor rstd = at::empty({S}, stats_opts);
+  // One mean and rstd per normalized row: a token, or with postshuffle a merged row.
+  const int64_t stats_rows = postshuffle_norm ? S / (m * m) : S;
+  Tensor mean = at::empty({nrm == Norm::LayerNorm ? stats_rows : 0}, stats_opts);
+  Tensor rstd = at::empty({stats_rows}, stats_opts);
   p.out = out.data_ptr();
   p.mean = nrm == Norm::LayerNorm ? mean.data_ptr() : nullptr;
   p.rstd = rstd.data_ptr();
@@ -163,7 +171,7 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2_backward(const Tensor& grad_out_in, 
                                                      const Tensor& weight,
                                                      const Tensor& mean, const Tensor& rstd, c10::string_view norm,
                                                      c10::string_view order, int64_t merge_size,
-                                                     std::array<bool, 3> output_mask) {
+                                                     std::array<bool, 3> output_mask, bool postshuffle_norm) {
   const char* op = "merge2x2_backward";
   const Norm nrm = parse_norm(op, norm);
   const Order ord = parse_order(op, order);
@@ -181,7 +189,7 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2_backward(const Tensor& grad_out_in, 
   const Tensor* stats[2] = {&mean, &rstd};
   const char* stat_names[2] = {"mean", "rstd"};
   for (int i = 0; i < 2; ++i) {
-    const int64_t want = i == 0 && nrm == Norm::RMSNorm ? 0 : S;
+    const int64_t want = i == 0 && nrm == Norm::RMSNorm ? 0 : postshuffle_norm ? S / (m * m) : S;
     check_same_device(*stats[i], stat_names[i], x, "x", op);
     VLFUSE_CHECK_VALUE(stats[i]->scalar_type() == acc && stats[i]->dim() == 1 && stats[i]->size(0) == want, op,
                        stat_names[i], " must be [", want, "] ", acc, " (as returned by merge2x2), got ",
@@ -189,12 +197,13 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2_backward(const Tensor& grad_out_in, 
   }
   const Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   Params p;
-  init(p, x, m, nrm, ord);
-  const Tensor w = check_param(op, weight, "weight", x);
+  init(p, x, m, nrm, ord, postshuffle_norm);
+  const Tensor w = check_param(op, weight, "weight", x, m, postshuffle_norm);
   const auto keep_grid = set_grid(p, op, grid_thw, x);
   Tensor grad_x = output_mask[0] ? cpu::empty_output({S, C}, x.options()) : at::empty({0}, x.options());
-  Tensor grad_w = output_mask[1] ? at::empty({C}, w.options()) : at::empty({0}, w.options());
-  Tensor grad_b = output_mask[2] ? at::empty({C}, w.options()) : at::empty({0}, w.options());
+  const int64_t param_size = w.size(0);
+  Tensor grad_w = at::empty({output_mask[1] ? param_size : 0}, w.options());
+  Tensor grad_b = at::empty({output_mask[2] ? param_size : 0}, w.options());
   p.weight = w.data_ptr();
   p.mean = nrm == Norm::LayerNorm ? mean_c.data_ptr() : nullptr;
   p.rstd = rstd_c.data_ptr();

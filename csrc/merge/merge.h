@@ -5,6 +5,7 @@
 //   order "merge":  tokens are already in Qwen2-VL's patch order, so window slot k of row r is token r*m^2 + k.
 //   order "raster": every frame is row-major over (h, w); rows run over items, frames, h-blocks, w-blocks and
 //                   slot k = (a, b) = (k / m, k % m) is token (hb*m + a, wb*m + b) of that frame.
+// With postshuffle (Qwen3-VL's deepstack mergers) the norm runs over each merged row instead of each token.
 // The per-element norm formulas use only +, - and *, so one template runs on scalars and on at::vec vectors.
 #pragma once
 
@@ -82,29 +83,53 @@ C10_HOST_DEVICE inline I raster_token(I r, I row_begin, I h, I w, I m, I k) {
   return row_begin * m * m + frame * h * w + (hb * m + a) * w + wb * m + b;
 }
 
-// Token index of window slot k of output row r. For raster order, grid is grid_thw [items, 3] (t, h, w) with
-// row strides grid_stride and offsets its [items + 1] row prefix sums.
+// The tokens of output row r's window, located once per row (raster order's item search and divisions) so
+// that each slot's token is token(k) = first + (k / m) * pitch + k % m: the token index (row of x) of window
+// slot k, increasing with k. Merge order has pitch m (tokens r*m^2 .. r*m^2 + m^2 - 1); raster order the
+// frame's width w.
+template <typename I>
+struct RowWindow {
+  I r, m, first, pitch;
+  C10_HOST_DEVICE inline I token(I k) const {
+    const I a = k / m;
+    return first + a * pitch + (k - a * m);
+  }
+};
+
+// The window of output row r. For raster order, grid is grid_thw [items, 3] (t, h, w) with row strides
+// grid_stride and offsets its [items + 1] row prefix sums.
+template <typename I>
+C10_HOST_DEVICE inline RowWindow<I> row_window(Order order, I r, I m, const int64_t* grid, int64_t grid_stride0,
+                                               int64_t grid_stride1, const int64_t* offsets, I items) {
+  if (order == Order::Merge) {
+    return {r, m, r * m * m, m};
+  }
+  const I item = find_item<I>(offsets, items, r);
+  const int64_t* g = grid + item * grid_stride0;
+  const I w = static_cast<I>(g[2 * grid_stride1]);
+  return {r, m, raster_token<I>(r, static_cast<I>(offsets[item]), static_cast<I>(g[grid_stride1]), w, m, I(0)), w};
+}
+
+// Token index of window slot k of output row r.
 template <typename I>
 C10_HOST_DEVICE inline I source_token(Order order, I r, I k, I m, const int64_t* grid, int64_t grid_stride0,
                                       int64_t grid_stride1, const int64_t* offsets, I items) {
   if (order == Order::Merge) {
     return r * m * m + k;
   }
-  const I item = find_item<I>(offsets, items, r);
-  const int64_t* g = grid + item * grid_stride0;
-  return raster_token<I>(r, static_cast<I>(offsets[item]), static_cast<I>(g[grid_stride1]),
-                         static_cast<I>(g[2 * grid_stride1]), m, k);
+  return row_window<I>(order, r, m, grid, grid_stride0, grid_stride1, offsets, items).token(k);
 }
 
 struct Params {
-  // x [S, C] with unit stride on C; out [S / m^2, m^2 * C] contiguous; mean, rstd [S] in acc_t (mean is
-  // unused, and may be null, for RMSNorm).
+  // x [S, C] with unit stride on C; out [S / m^2, m^2 * C] contiguous; mean, rstd [S] in acc_t, one per
+  // token ([S / m^2], one per merged row, with postshuffle); mean is unused, and may be null, for RMSNorm.
   const void* x = nullptr;
   int64_t x_stride = 0;
   void* out = nullptr;
   void* mean = nullptr;
   void* rstd = nullptr;
-  // weight, bias [C] contiguous in acc_t (float32, or float64 for float64 inputs); bias null when absent.
+  // weight, bias [C] ([m^2 * C] with postshuffle) contiguous in acc_t (float32, or float64 for float64
+  // inputs); bias null when absent.
   const void* weight = nullptr;
   const void* bias = nullptr;
   int64_t tokens = 0;
@@ -113,6 +138,9 @@ struct Params {
   double eps = 1e-6;
   Norm norm = Norm::LayerNorm;
   Order order = Order::Merge;
+  // Qwen3-VL's post-shuffle norm: the statistics of each merged row (all m^2 * C values of its window)
+  // instead of each token's, with weight and bias over the merged row.
+  bool postshuffle = false;
   // grid_thw [items, 3] as int64 (any strides) and offsets [items + 1] int64, on the kernel's device.
   // The front computes and validates offsets when grid_thw comes from the host; for a grid_thw already on the
   // GPU it leaves offsets null and the CUDA code derives (and checks) them on the device, without a host sync.
@@ -124,8 +152,9 @@ struct Params {
   int8_t dtype = 0;  // c10::ScalarType of x and out
   int device_index = -1;
   // Backward only: grad_out [S / m^2, m^2 * C] (unit stride on its last dim), grad_x [S, C] contiguous (null
-  // when not wanted), and grad_weight / grad_bias [C] in acc_t (null when not wanted), each the sum over tokens
-  // of per-chunk partial sums that the kernels reduce in a fixed order (deterministic for a given size).
+  // when not wanted), and grad_weight / grad_bias [C] ([m^2 * C] with postshuffle) in acc_t (null when not
+  // wanted), each the sum over tokens of per-chunk partial sums that the kernels reduce in a fixed order
+  // (deterministic for a given size).
   const void* grad_out = nullptr;
   int64_t grad_out_stride = 0;
   void* grad_x = nullptr;

@@ -3,9 +3,13 @@
 // Row::stats), and its normalized values are written straight into the merged row by a second pass over the
 // token while it sits in L1. Backward: the same walk, a first pass per token for the two row sums of the input
 // gradient, then one pass over a group of tokens (kGradGroup) that writes their gradients and adds to per-chunk
-// weight/bias partial sums, reduced in a fixed order at the end. Both prefetch the tokens read next during the
-// last pass over the current ones, so a first pass does not wait on memory, and write with streaming stores
-// when the call's data outgrows the caches it can count on (cpu::prefer_streaming_stores).
+// weight/bias partial sums, reduced in a fixed order at the end. The post-shuffle norm (Params::postshuffle)
+// walks the same way with a merged row's m^2 tokens as the unit: one statistics pass over all of them (still
+// one read of each from memory: a window is a few KB), then the per-token normalizing pass with the row's
+// statistics and the window slot's part of the [m^2 * C] weight and bias; its backward takes kGradGroup rows'
+// sums, then one pass per window slot over those rows' tokens of that slot. Both prefetch the tokens read next
+// during the last pass over the current ones, so a first pass does not wait on memory, and write with
+// streaming stores when the call's data outgrows the caches it can count on (cpu::prefer_streaming_stores).
 //
 // The row passes keep their accumulators in registers: every loop below is over whole blocks with a
 // compile-time width (Full) and compile-time accumulator indices, and only the last, shorter block of a row
@@ -99,14 +103,17 @@ struct Row {
     }
   }
 
-  // A [C] table in BlockIO's lane order: the table itself where that is the natural order, else a copy kept in
-  // `storage`. Null stays null.
-  static const acc_t* block_order(const acc_t* table, int64_t C, std::vector<acc_t>& storage) {
+  // A [segments * C] table in BlockIO's lane order, each [C] segment on its own (a token's blocks start at its
+  // first channel): the table itself where that is the natural order, else a copy kept in `storage`. Null
+  // stays null.
+  static const acc_t* block_order(const acc_t* table, int64_t C, int64_t segments, std::vector<acc_t>& storage) {
     if (!cpu::BlockIO<scalar_t>::kPermuted || table == nullptr) {
       return table;
     }
-    storage.resize(C);
-    cpu::reorder_blocks<scalar_t>(table, C, storage.data(), /*to_block=*/true);
+    storage.resize(segments * C);
+    for (int64_t s = 0; s < segments; ++s) {
+      cpu::reorder_blocks<scalar_t>(table + s * C, C, storage.data() + s * C, /*to_block=*/true);
+    }
     return storage.data();
   }
 
@@ -168,37 +175,52 @@ struct Row {
     sum_d2 = reduce(q);
   }
 
-  // mean and rstd of one token by shifted sums: with K an estimate of the mean, the sums of d = x - K and of
-  // d^2 give mean = K + sum_d / C and var = sum_d2 / C - (sum_d / C)^2, whose rounding error is that of a sum
-  // of squares of size C * (var + (mean - K)^2): a few roundings of var when (mean - K)^2 <= 8 var, where
+  // mean and rstd of the N = segments * C values of `segments` [C] rows taken together (one token, or the
+  // m^2 tokens of a merged row) by shifted sums: with K an estimate of the mean, the sums of d = x - K and of
+  // d^2 give mean = K + sum_d / N and var = sum_d2 / N - (sum_d / N)^2, whose rounding error is that of a sum
+  // of squares of size N * (var + (mean - K)^2): a few roundings of var when (mean - K)^2 <= 8 var, where
   // E[x^2] - E[x]^2 (K = 0) would lose every digit for a token with a large common offset. K is the mean of the
-  // token's first n0 >= C / 8 elements (all of them for C <= 64), which by Cauchy-Schwarz gives
-  // (mean - K)^2 <= (C / n0) var <= 8 var, at the cost of re-reading C / 8 elements that are in L1.
+  // first n0 = min(C, max(64, N / 8)) elements, which by Cauchy-Schwarz gives (mean - K)^2 <= (N / n0) var:
+  // at most 8 var for one token or a 2 x 2 window with C >= 64 (m^2 var for wider windows, still a few
+  // roundings), at the cost of re-reading n0 elements that are in L1.
   // bfloat16 in the AVX512_BF16 build first takes the plain sums (K = 0), one vdpbf16ps per 32 values and sum
   // (cpu::bf16_sums), and keeps them when they say mean^2 <= 8 var (their error cannot move that test by more
   // than ~1e-4 of var); a token that fails it, or has a NaN, is summed again with K = that mean. Other types
   // keep the K estimate: plain float sums are not faster enough to be worth results that differ in the last
   // bits from before (a training run's trajectory follows them). RMSNorm's "variance" is mean(x^2) itself.
-  static inline void stats(const scalar_t* x, int64_t C, Norm norm, double eps, acc_t& mean, acc_t& rstd) {
-    const acc_t count = static_cast<acc_t>(C);
+  static inline void stats(const scalar_t* const* segs, int64_t segments, int64_t C, Norm norm, double eps,
+                           acc_t& mean, acc_t& rstd) {
+    const int64_t N = segments * C;
+    const acc_t count = static_cast<acc_t>(N);
     const auto rstd_of = [eps](acc_t var) { return acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps)); };
-    acc_t K = acc_t(0), sum_d, sum_d2, var;
+    acc_t K = acc_t(0), sum_d = acc_t(0), sum_d2 = acc_t(0), var;
 #if defined(VLFUSE_ISA_AVX512_BF16)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      cpu::bf16_sums(x, C, sum_d, sum_d2);
+      for (int64_t s = 0; s < segments; ++s) {
+        acc_t seg_sum, seg_sq;
+        cpu::bf16_sums(segs[s], C, seg_sum, seg_sq);
+        sum_d += seg_sum;
+        sum_d2 += seg_sq;
+      }
       merge::corrected_moments(sum_d, sum_d2, count, norm, mean, var);
       if (norm == Norm::RMSNorm || mean * mean <= acc_t(8) * var) {
         rstd = rstd_of(var);
         return;
       }
       K = mean;
+      sum_d = sum_d2 = acc_t(0);
     } else  // the estimate below is for the other types
 #endif
     if (norm == Norm::LayerNorm) {
-      const int64_t n0 = std::min<int64_t>(C, std::max<int64_t>(64, C / 8));
-      K = sum(x, n0) / static_cast<acc_t>(n0);
+      const int64_t n0 = std::min<int64_t>(C, std::max<int64_t>(64, N / 8));
+      K = sum(segs[0], n0) / static_cast<acc_t>(n0);
     }
-    shifted_sums(x, C, K, sum_d, sum_d2);
+    for (int64_t s = 0; s < segments; ++s) {
+      acc_t seg_d, seg_d2;
+      shifted_sums(segs[s], C, K, seg_d, seg_d2);
+      sum_d += seg_d;
+      sum_d2 += seg_d2;
+    }
     merge::corrected_moments(sum_d, sum_d2, count, norm, mean, var);
     mean += K;
     rstd = rstd_of(var);
@@ -207,12 +229,10 @@ struct Row {
   // The per-token work takes everything by value: the kernels' vector stores may alias any memory, so values
   // read through the parallel lambda's captures would be reloaded after every store of the inner loops.
 
-  // Normalizes token x [C] into y [C] (weight and bias in block order, bias may be null) and returns its
-  // statistics; prefetches the token read next, next_x.
-  static inline void forward_token(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias,
-                                   int64_t C, Norm norm, double eps, const scalar_t* next_x, bool stream,
-                                   acc_t& mean, acc_t& rstd) {
-    stats(x, C, norm, eps, mean, rstd);
+  // Normalizes token x [C] into y [C] with statistics mean, rstd (weight and bias [C] in block order, bias may
+  // be null); prefetches the token read next, next_x.
+  static inline void normalize_token(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias,
+                                     int64_t C, acc_t mean, acc_t rstd, const scalar_t* next_x, bool stream) {
     const fVec mv(mean), rv(rstd);
     for_blocks(C, [&](int64_t i, auto n, auto) {
       cpu::prefetch(next_x + i);
@@ -231,9 +251,9 @@ struct Row {
     });
   }
 
-  // One token of a backward walk: its input, output gradient and input gradient (null when not wanted), its
-  // forward statistics (mean 0 for RMSNorm), and the row means of the input gradient's two sums, set by
-  // grad_sums.
+  // One token of a backward walk: its input, output gradient and input gradient (null when not wanted), the
+  // forward statistics of its normalized row (mean 0 for RMSNorm), and that row's means of the input
+  // gradient's two sums (from grad_sums).
   struct GradToken {
     const scalar_t* x;
     const scalar_t* dy;
@@ -242,9 +262,10 @@ struct Row {
     acc_t mean_g = 0, mean_gx = 0;
   };
 
-  // First backward pass over a token, from memory: mean_g = sum(g) / C and mean_gx = sum(g * xhat) / C with
-  // g = dy * w (rstd is factored out of the second sum).
-  static inline void grad_sums(GradToken& t, const acc_t* weight, int64_t C, Norm norm) {
+  // First backward pass over a token, from memory: sum_g = sum(g) and sum_gxc = sum(g * (x - mean)) with
+  // g = dy * w (weight: the token's [C] part, in block order). The row means are mean_g = sum_g / N and
+  // mean_gx = rstd * sum_gxc / N over the N values of the normalized row.
+  static inline void grad_sums(const GradToken& t, const acc_t* weight, int64_t C, acc_t& sum_g, acc_t& sum_gxc) {
     const fVec mv(t.mean);
     fVec sg[kAcc], sgx[kAcc];
     zero(sg);
@@ -261,9 +282,15 @@ struct Row {
         sgx[slot * kParts + j] = at::vec::fmadd(g, v[j] - mv, sgx[slot * kParts + j]);
       }
     });
-    const acc_t inv_c = acc_t(1) / static_cast<acc_t>(C);
-    t.mean_g = norm == Norm::LayerNorm ? reduce(sg) * inv_c : acc_t(0);
-    t.mean_gx = reduce(sgx) * t.rstd * inv_c;
+    sum_g = reduce(sg);
+    sum_gxc = reduce(sgx);
+  }
+
+  // Sets t's row means from the sums of grad_sums over its normalized row of N values.
+  static inline void set_grad_means(GradToken& t, acc_t sum_g, acc_t sum_gxc, int64_t N, Norm norm) {
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+    t.mean_g = norm == Norm::LayerNorm ? sum_g * inv_n : acc_t(0);
+    t.mean_gx = sum_gxc * t.rstd * inv_n;
   }
 
   // Second backward pass over G tokens together, from cache (grad_sums has just read them): writes each dx and
@@ -340,17 +367,9 @@ struct Row {
   }
 };
 
-// Walk position (row, slot) of the token read after slot k of row r (the same for the last one): the token
-// whose first pass the current one's last pass prefetches for.
-inline std::pair<int64_t, int64_t> next_slot(const Params& p, int64_t r, int64_t k) {
-  const int64_t mm = p.merge_size * p.merge_size;
-  const int64_t next = std::min(r * mm + k + 1, p.tokens - 1);
-  return {next / mm, next % mm};
-}
-
-inline int64_t token_at(const Params& p, int64_t r, int64_t k) {
-  return merge::source_token(p.order, r, k, p.merge_size, p.grid, p.grid_stride0, p.grid_stride1, p.offsets,
-                             p.items);
+inline merge::RowWindow<int64_t> window_of(const Params& p, int64_t r) {
+  return merge::row_window<int64_t>(p.order, r, p.merge_size, p.grid, p.grid_stride0, p.grid_stride1, p.offsets,
+                                    p.items);
 }
 
 template <typename scalar_t>
@@ -358,28 +377,47 @@ void forward_impl(const Params& p) {
   using R = Row<scalar_t>;
   using acc_t = typename R::acc_t;
   const int64_t C = p.channels, mm = p.merge_size * p.merge_size, rows = p.tokens / mm;
+  const int64_t segments = p.postshuffle ? mm : 1;  // [C] segments of the weight and bias
   const auto* x = static_cast<const scalar_t*>(p.x);
   auto* out = static_cast<scalar_t*>(p.out);
   auto* mean_out = static_cast<acc_t*>(p.mean);
   auto* rstd_out = static_cast<acc_t*>(p.rstd);
   std::vector<acc_t> weight_storage, bias_storage;
-  const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, weight_storage);
-  const acc_t* bias = R::block_order(static_cast<const acc_t*>(p.bias), C, bias_storage);
+  const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, segments, weight_storage);
+  const acc_t* bias = R::block_order(static_cast<const acc_t*>(p.bias), C, segments, bias_storage);
   const int64_t grain = std::max<int64_t>(1, 32768 / (mm * C));
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain);
   const bool stream =
       cpu::prefer_streaming_stores(2 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)), threads);
 
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> window(mm);
     for (int64_t r = begin; r < end; ++r) {
+      const merge::RowWindow<int64_t> win = window_of(p, r);
       for (int64_t k = 0; k < mm; ++k) {
-        const int64_t tok = token_at(p, r, k);
-        const scalar_t* xr = x + tok * p.x_stride;
-        scalar_t* y = out + (r * mm + k) * C;
-        const auto [next_r, next_k] = next_slot(p, r, k);
-        acc_t mean, rstd;
-        R::forward_token(xr, y, weight, bias, C, p.norm, p.eps, x + token_at(p, next_r, next_k) * p.x_stride,
-                         stream, mean, rstd);
+        window[k] = x + win.token(k) * p.x_stride;
+      }
+      const merge::RowWindow<int64_t> next_win = window_of(p, std::min(r + 1, rows - 1));
+      scalar_t* y = out + r * mm * C;
+      acc_t mean, rstd;
+      if (p.postshuffle) {
+        R::stats(window.data(), mm, C, p.norm, p.eps, mean, rstd);
+        for (int64_t k = 0; k < mm; ++k) {
+          // Slot k's pass prefetches the next row's slot k: the tokens that row's statistics pass reads.
+          R::normalize_token(window[k], y + k * C, weight + k * C, bias != nullptr ? bias + k * C : nullptr, C,
+                             mean, rstd, x + next_win.token(k) * p.x_stride, stream);
+        }
+        if (mean_out != nullptr) {
+          mean_out[r] = mean;
+        }
+        rstd_out[r] = rstd;
+        continue;
+      }
+      for (int64_t k = 0; k < mm; ++k) {
+        R::stats(&window[k], 1, C, p.norm, p.eps, mean, rstd);
+        const scalar_t* next_x = k + 1 < mm ? window[k + 1] : x + next_win.token(0) * p.x_stride;
+        R::normalize_token(window[k], y + k * C, weight, bias, C, mean, rstd, next_x, stream);
+        const int64_t tok = win.token(k);
         if (mean_out != nullptr) {
           mean_out[tok] = mean;
         }
@@ -393,7 +431,8 @@ void forward_impl(const Params& p) {
 }
 
 // Tokens per second backward pass (Row::grad_pass): 4 tokens' x and dy (20 KB in bf16, 40 KB in fp32 at
-// C = 1280) are still in L1/L2 when it rereads them.
+// C = 1280) are still in L1/L2 when it rereads them. With postshuffle, rows per group: each slot's pass
+// rereads kGradGroup of the m^2 * kGradGroup tokens whose row sums were just taken (L2).
 constexpr int kGradGroup = 4;
 
 template <typename scalar_t>
@@ -403,51 +442,101 @@ void backward_impl(const Params& p) {
   using fVec = typename R::fVec;
   constexpr int64_t W = R::W;
   const int64_t C = p.channels, mm = p.merge_size * p.merge_size, rows = p.tokens / mm;
+  const int64_t segments = p.postshuffle ? mm : 1;  // [C] segments of the weight and its gradients
+  const int64_t P = segments * C;
   const auto* x = static_cast<const scalar_t*>(p.x);
   const auto* grad_out = static_cast<const scalar_t*>(p.grad_out);
   auto* grad_x = static_cast<scalar_t*>(p.grad_x);
   const auto* mean_in = static_cast<const acc_t*>(p.mean);
   const auto* rstd_in = static_cast<const acc_t*>(p.rstd);
   std::vector<acc_t> weight_storage;
-  const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, weight_storage);
+  const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, segments, weight_storage);
   const bool want_w = p.grad_weight != nullptr, want_b = p.grad_bias != nullptr;
   // A fixed split into at most 32 chunks (not one per thread), so the partial sums, and hence the weight and
   // bias gradients, do not depend on the thread count.
   const int64_t rows_per_chunk = std::max<int64_t>((rows + 31) / 32, std::max<int64_t>(1, 16384 / (mm * C)));
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
-  // Each chunk's [2, C] partial sums (weight, bias; in block order) are zeroed by the thread that fills them.
-  std::unique_ptr<acc_t[]> partial(want_w || want_b ? new acc_t[chunks * 2 * C] : nullptr);
+  // Each chunk's [2, P] partial sums (weight, bias; in block order) are zeroed by the thread that fills them.
+  std::unique_ptr<acc_t[]> partial(want_w || want_b ? new acc_t[chunks * 2 * P] : nullptr);
   // x and grad_out read, grad_x written.
   const bool stream = grad_x != nullptr &&
                       cpu::prefer_streaming_stores(3 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)),
                                                    std::min<int64_t>(at::get_num_threads(), chunks));
 
   using GradToken = typename R::GradToken;
-  const auto grad_token = [&](int64_t q) {
-    const int64_t r = q / mm, k = q % mm, tok = token_at(p, r, k);
-    return GradToken{x + tok * p.x_stride, grad_out + r * p.grad_out_stride + k * C,
-                     grad_x != nullptr ? grad_x + tok * C : nullptr, mean_in != nullptr ? mean_in[tok] : acc_t(0),
-                     rstd_in[tok]};
+  // Token of slot k of row r, with that token's statistics (per-token norm) or row r's (postshuffle).
+  const auto grad_token = [&](const merge::RowWindow<int64_t>& win, int64_t k) {
+    const int64_t tok = win.token(k), stat = p.postshuffle ? win.r : tok;
+    return GradToken{x + tok * p.x_stride, grad_out + win.r * p.grad_out_stride + k * C,
+                     grad_x != nullptr ? grad_x + tok * C : nullptr, mean_in != nullptr ? mean_in[stat] : acc_t(0),
+                     rstd_in[stat]};
   };
+  const auto grad_token_at = [&](int64_t q) { return grad_token(window_of(p, q / mm), q % mm); };
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* pw = partial ? partial.get() + chunk * 2 * C : nullptr;
-      acc_t* pb = pw == nullptr ? nullptr : pw + C;
+      acc_t* pw = partial ? partial.get() + chunk * 2 * P : nullptr;
+      acc_t* pb = pw == nullptr ? nullptr : pw + P;
       if (pw != nullptr) {
-        std::fill(pw, pw + 2 * C, acc_t(0));
+        std::fill(pw, pw + 2 * P, acc_t(0));
+      }
+      const int64_t r_end = std::min(rows, (chunk + 1) * rows_per_chunk);
+      if (p.postshuffle) {
+        // G rows at a time: their row sums over all m^2 tokens, then one grad_pass per window slot.
+        int64_t r = chunk * rows_per_chunk;
+        const auto run_rows = [&](auto group_size) {
+          constexpr int G = decltype(group_size)::value;
+          merge::RowWindow<int64_t> win[G], next_win[G];
+          GradToken row_stats[G];
+          for (int g = 0; g < G; ++g) {
+            win[g] = window_of(p, r + g);
+            next_win[g] = window_of(p, std::min(r + G + g, rows - 1));
+            row_stats[g] = grad_token(win[g], 0);
+            if (grad_x != nullptr) {
+              acc_t sum_g = 0, sum_gxc = 0;
+              for (int64_t k = 0; k < mm; ++k) {
+                acc_t sg, sgx;
+                R::grad_sums(grad_token(win[g], k), weight + k * C, C, sg, sgx);
+                sum_g += sg;
+                sum_gxc += sgx;
+              }
+              R::set_grad_means(row_stats[g], sum_g, sum_gxc, P, p.norm);
+            }
+          }
+          for (int64_t k = 0; k < mm; ++k) {
+            GradToken group[G], next[G];
+            for (int g = 0; g < G; ++g) {
+              group[g] = grad_token(win[g], k);
+              group[g].mean_g = row_stats[g].mean_g;
+              group[g].mean_gx = row_stats[g].mean_gx;
+              next[g] = grad_token(next_win[g], k);
+            }
+            R::template grad_pass<G>(group, next, weight + k * C, C, want_w ? pw + k * C : nullptr,
+                                     want_b ? pb + k * C : nullptr, stream);
+          }
+          r += G;
+        };
+        while (r + kGradGroup <= r_end) {
+          run_rows(std::integral_constant<int, kGradGroup>{});
+        }
+        while (r < r_end) {
+          run_rows(std::integral_constant<int, 1>{});
+        }
+        continue;
       }
       // The chunk's walk positions q = r * m^2 + k, in groups of kGradGroup (then single tokens) per second pass.
-      const int64_t q_end = std::min(rows, (chunk + 1) * rows_per_chunk) * mm;
+      const int64_t q_end = r_end * mm;
       int64_t q = chunk * rows_per_chunk * mm;
       const auto run_group = [&](auto group_size) {
         constexpr int G = decltype(group_size)::value;
         GradToken group[G], next[G];
         for (int g = 0; g < G; ++g) {
-          group[g] = grad_token(q + g);
-          next[g] = grad_token(std::min(q + G + g, p.tokens - 1));
+          group[g] = grad_token_at(q + g);
+          next[g] = grad_token_at(std::min(q + G + g, p.tokens - 1));
           if (grad_x != nullptr) {
-            R::grad_sums(group[g], weight, C, p.norm);
+            acc_t sum_g, sum_gxc;
+            R::grad_sums(group[g], weight, C, sum_g, sum_gxc);
+            R::set_grad_means(group[g], sum_g, sum_gxc, C, p.norm);
           }
         }
         R::template grad_pass<G>(group, next, weight, C, want_w ? pw : nullptr, want_b ? pb : nullptr, stream);
@@ -469,22 +558,24 @@ void backward_impl(const Params& p) {
     return;
   }
   acc_t* outs[2] = {static_cast<acc_t*>(p.grad_weight), static_cast<acc_t*>(p.grad_bias)};
-  std::vector<acc_t> total(C);
+  std::vector<acc_t> total(P);
   for (int which = 0; which < 2; ++which) {
     if (outs[which] == nullptr) {
       continue;
     }
     acc_t* sum = cpu::BlockIO<scalar_t>::kPermuted ? total.data() : outs[which];
-    for (int64_t c = 0; c < C; c += W) {
-      const int64_t n = std::min<int64_t>(W, C - c);
+    for (int64_t c = 0; c < P; c += W) {
+      const int64_t n = std::min<int64_t>(W, P - c);
       fVec acc(acc_t(0));
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        acc = acc + fVec::loadu(partial.get() + (chunk * 2 + which) * C + c, n);
+        acc = acc + fVec::loadu(partial.get() + (chunk * 2 + which) * P + c, n);
       }
       acc.store(sum + c, n);
     }
     if (cpu::BlockIO<scalar_t>::kPermuted) {
-      cpu::reorder_blocks<scalar_t>(total.data(), C, outs[which], /*to_block=*/false);
+      for (int64_t s = 0; s < segments; ++s) {
+        cpu::reorder_blocks<scalar_t>(total.data() + s * C, C, outs[which] + s * C, /*to_block=*/false);
+      }
     }
   }
 }

@@ -7,6 +7,9 @@
 // Backward: the same walk in persistent blocks; each block stages the weight in shared memory, each warp
 // accumulates its weight/bias partial sums in its own shared-memory rows, each block reduces its warps into one
 // partial row, and one small kernel sums those rows in a fixed order.
+// The post-shuffle norm (kPostshuffle) runs the same kernels with a merged row as the warp's unit: its m^2 * C
+// values are one row of packs whose pack i lies in window slot i / (C / VEC) (UnitRows), reduced by the warp as
+// a token is, with weight, bias and their gradients over [m^2 * C].
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -35,6 +38,7 @@ constexpr size_t kSharedLimit = 48 * 1024;
 // wider than that stream. A lane holds the smallest of these counts that fits the row (5 for bf16 at C = 1280).
 constexpr int kTiles[] = {1, 2, 3, 4, 5, 6, 8, 10, 12, 16};
 constexpr int kHeldRegisters = 96;
+constexpr int kPostshuffleMaxLoads = 8;
 
 using cuda::load_pack;
 using cuda::load_values;
@@ -147,6 +151,66 @@ __device__ inline int64_t slot_token(const Params& p, int64_t slot) {
   return tok < p.tokens ? static_cast<int64_t>(tok) : -1;
 }
 
+// Where one warp's unit lives: a token (slot r * m^2 + k of the output), or with kPostshuffle the m^2 tokens of
+// merged row r, read as one row of m^2 * C / VEC packs.
+template <bool kPostshuffle>
+struct UnitRows {
+  RowWindow<uint32_t> window;  // kPostshuffle
+  int64_t token = 0;           // otherwise
+  uint32_t token_packs = 0;    // C / VEC
+
+  // Element offset of pack idx of the unit in a [S, C] tensor with row stride `stride`.
+  __device__ inline int64_t offset(int64_t idx, int64_t stride, int vec) const {
+    if constexpr (kPostshuffle) {
+      const uint32_t i = static_cast<uint32_t>(idx), k = i / token_packs;
+      return static_cast<int64_t>(window.token(k)) * stride + static_cast<int64_t>(i - k * token_packs) * vec;
+    } else {
+      return token * stride + idx * vec;
+    }
+  }
+
+  // Index of the unit's statistics in mean and rstd.
+  __device__ inline int64_t stat_index() const {
+    if constexpr (kPostshuffle) {
+      return window.r;
+    } else {
+      return token;
+    }
+  }
+};
+
+// Whether unit u (a token, or a merged row) exists. From Params (constant memory) and u alone: a bound kept in
+// a register across the backward's loop was spilled.
+template <bool kPostshuffle>
+__device__ inline bool unit_exists(const Params& p, int64_t u) {
+  return (kPostshuffle ? u * p.merge_size * p.merge_size : u) < p.tokens;
+}
+
+// Locates unit u; false when a device-side grid_thw was inconsistent with x (see slot_token).
+template <bool kPostshuffle>
+__device__ inline bool locate_unit(const Params& p, int64_t u, uint32_t token_packs, UnitRows<kPostshuffle>& at) {
+  at.token_packs = token_packs;
+  if constexpr (kPostshuffle) {
+    const uint32_t m = static_cast<uint32_t>(p.merge_size);
+    at.window = row_window<uint32_t>(p.order, static_cast<uint32_t>(u), m, p.grid, p.grid_stride0, p.grid_stride1,
+                                     p.offsets, static_cast<uint32_t>(p.items));
+    return at.window.token(m * m - 1) < p.tokens;  // the window's last token is its largest
+  } else {
+    at.token = slot_token(p, u);
+    return at.token >= 0;
+  }
+}
+
+// Calls f.template operator()<kPostshuffle>() for p.postshuffle.
+template <typename F>
+void with_postshuffle(const Params& p, F&& f) {
+  if (p.postshuffle) {
+    f.template operator()<true>();
+  } else {
+    f.template operator()<false>();
+  }
+}
+
 // One warp: lane i reads item i of each run of kWarp items, so a run's loads overlap rather than queue one behind
 // the other, and a warp scan adds up the rows. Checks what the host checks for a host grid.
 __global__ void grid_offsets_kernel(const Params p, int64_t* __restrict__ offsets) {
@@ -179,31 +243,33 @@ __global__ void grid_offsets_kernel(const Params p, int64_t* __restrict__ offset
                          "vlfuse.merge2x2: grid_thw describes a different number of tokens than x has");
 }
 
-template <typename scalar_t, int VEC, int kLoads>
+template <typename scalar_t, int VEC, int kLoads, bool kPostshuffle>
 __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Params p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
-  const int64_t slot = static_cast<int64_t>(blockIdx.x) * kForwardWarps + threadIdx.x / kWarp;
-  if (slot >= p.tokens) {
+  const int64_t unit = static_cast<int64_t>(blockIdx.x) * kForwardWarps + threadIdx.x / kWarp;
+  if (!unit_exists<kPostshuffle>(p, unit)) {
     return;
   }
-  const int64_t tok = slot_token(p, slot);
-  if (tok < 0) {
+  UnitRows<kPostshuffle> at;
+  if (!locate_unit<kPostshuffle>(p, unit, static_cast<uint32_t>(p.channels / VEC), at)) {
     return;
   }
-  const int64_t C = p.channels, packs = C / VEC;
-  const scalar_t* xr = static_cast<const scalar_t*>(p.x) + tok * p.x_stride;
+  // N values normalized together: a token's C, or a merged row's m^2 * C.
+  const int64_t N = kPostshuffle ? p.merge_size * p.merge_size * p.channels : p.channels, packs = N / VEC;
+  const scalar_t* x = static_cast<const scalar_t*>(p.x);
   Pack<scalar_t, VEC> held[kLoads > 0 ? kLoads : 1];
   if constexpr (kLoads > 0) {
-    for_lane_packs<kLoads>(packs, lane,
-                           [&](int l, int64_t idx) { held[l] = load_pack<scalar_t, VEC>(xr + idx * VEC); });
+    for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
+      held[l] = load_pack<scalar_t, VEC>(x + at.offset(idx, p.x_stride, VEC));
+    });
   }
-  // Register mode: one read of the token; streaming mode: each pass below reloads its pack.
+  // Register mode: one read of the unit; streaming mode: each pass below reloads its pack.
   auto values = [&](int l, int64_t idx, acc_t (&v)[VEC]) {
     if constexpr (kLoads > 0) {
       widen(held[l], v);
     } else {
-      widen(load_pack<scalar_t, VEC>(xr + idx * VEC), v);
+      widen(load_pack<scalar_t, VEC>(x + at.offset(idx, p.x_stride, VEC)), v);
     }
   };
   acc_t mean0 = 0;
@@ -217,7 +283,7 @@ __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Par
         s += v[e];
       }
     });
-    mean0 = warp_sum(s) / static_cast<acc_t>(C);
+    mean0 = warp_sum(s) / static_cast<acc_t>(N);
     if constexpr (kLoads > 0) {
       rewiden_after_here(held);
     }
@@ -237,12 +303,13 @@ __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Par
     rewiden_after_here(held);
   }
   acc_t shift, var;
-  corrected_moments<acc_t>(warp_sum(sd), warp_sum(sd2), static_cast<acc_t>(C), p.norm, shift, var);
+  corrected_moments<acc_t>(warp_sum(sd), warp_sum(sd2), static_cast<acc_t>(N), p.norm, shift, var);
   const acc_t mean = mean0 + shift;
   const acc_t rstd = acc_t(1) / ::sqrt(var + static_cast<acc_t>(p.eps));
   const acc_t* weight = static_cast<const acc_t*>(p.weight);
   const acc_t* bias = static_cast<const acc_t*>(p.bias);
-  scalar_t* y = static_cast<scalar_t*>(p.out) + slot * C;
+  // Output units are consecutive: slot r * m^2 + k of C values, or merged row r of m^2 * C.
+  scalar_t* y = static_cast<scalar_t*>(p.out) + unit * N;
   for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
     acc_t v[VEC], w[VEC], b[VEC] = {};
     values(l, idx, v);
@@ -259,9 +326,9 @@ __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Par
   });
   if (lane == 0) {
     if (p.mean != nullptr) {
-      static_cast<acc_t*>(p.mean)[tok] = mean;
+      static_cast<acc_t*>(p.mean)[at.stat_index()] = mean;
     }
-    static_cast<acc_t*>(p.rstd)[tok] = rstd;
+    static_cast<acc_t*>(p.rstd)[at.stat_index()] = rstd;
   }
 }
 
@@ -269,14 +336,15 @@ __global__ void __launch_bounds__(kForwardWarps* kWarp) forward_kernel(const Par
 // warp accumulates in its own shared rows, in the slot layout (slot_of); partial is then [blocks, 2, C], one
 // row per block. Otherwise (rows too wide for shared memory) the weight is read from global memory and each
 // warp accumulates straight into its own zeroed row of partial [blocks * warps, 2, C], in channel order.
-template <typename scalar_t, int VEC, int kLoads, bool kShared>
+// With kPostshuffle every C above is N = m^2 * C, the size of the weight. inv_n = 1 / N.
+template <typename scalar_t, int VEC, int kLoads, bool kShared, bool kPostshuffle>
 __global__ void __launch_bounds__(kBackwardWarps* kWarp)
-    backward_kernel(const Params p, at::opmath_type<scalar_t>* partial, at::opmath_type<scalar_t> inv_c) {
+    backward_kernel(const Params p, at::opmath_type<scalar_t>* partial, at::opmath_type<scalar_t> inv_n) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int warps = blockDim.x / kWarp;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int64_t C = p.channels, packs = C / VEC;
+  const int64_t C = kPostshuffle ? p.merge_size * p.merge_size * p.channels : p.channels, packs = C / VEC;
   const bool want_wb = p.grad_weight != nullptr || p.grad_bias != nullptr;
   const acc_t* weight = static_cast<const acc_t*>(p.weight);
   const int64_t row = slot_row_size(C, VEC);
@@ -316,21 +384,28 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp)
       load_values(weight + idx * VEC, w);
     }
   };
-  for (int64_t slot = static_cast<int64_t>(blockIdx.x) * warps + warp; slot < p.tokens;
-       slot += static_cast<int64_t>(gridDim.x) * warps) {
-    const int64_t tok = slot_token(p, slot);
-    if (tok < 0) {
+  const scalar_t* x_base = static_cast<const scalar_t*>(p.x);
+  const uint32_t token_packs = static_cast<uint32_t>(p.channels / VEC);
+  for (int64_t unit = static_cast<int64_t>(blockIdx.x) * warps + warp; unit_exists<kPostshuffle>(p, unit);
+       unit += static_cast<int64_t>(gridDim.x) * warps) {
+    UnitRows<kPostshuffle> at;
+    if (!locate_unit<kPostshuffle>(p, unit, token_packs, at)) {
       continue;
     }
-    const SlotPosition pos = slot_position(p, slot);
-    const scalar_t* xr = static_cast<const scalar_t*>(p.x) + tok * p.x_stride;
-    const scalar_t* dyr = static_cast<const scalar_t*>(p.grad_out) + pos.r * p.grad_out_stride + pos.k * C;
-    const acc_t mean = p.mean != nullptr ? static_cast<const acc_t*>(p.mean)[tok] : acc_t(0);
-    const acc_t rstd = static_cast<const acc_t*>(p.rstd)[tok];
+    // The unit's output gradient is contiguous: slot (r, k) of C values, or merged row r.
+    const scalar_t* dyr;
+    if constexpr (kPostshuffle) {
+      dyr = static_cast<const scalar_t*>(p.grad_out) + unit * p.grad_out_stride;
+    } else {
+      const SlotPosition pos = slot_position(p, unit);
+      dyr = static_cast<const scalar_t*>(p.grad_out) + pos.r * p.grad_out_stride + pos.k * C;
+    }
+    const acc_t mean = p.mean != nullptr ? static_cast<const acc_t*>(p.mean)[at.stat_index()] : acc_t(0);
+    const acc_t rstd = static_cast<const acc_t*>(p.rstd)[at.stat_index()];
     Pack<scalar_t, VEC> held_x[kLoads > 0 ? kLoads : 1], held_dy[kLoads > 0 ? kLoads : 1];
     if constexpr (kLoads > 0) {
       for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
-        held_x[l] = load_pack<scalar_t, VEC>(xr + idx * VEC);
+        held_x[l] = load_pack<scalar_t, VEC>(x_base + at.offset(idx, p.x_stride, VEC));
         held_dy[l] = load_pack<scalar_t, VEC>(dyr + idx * VEC);
       });
     }
@@ -339,7 +414,7 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp)
         widen(held_x[l], x);
         widen(held_dy[l], dy);
       } else {
-        widen(load_pack<scalar_t, VEC>(xr + idx * VEC), x);
+        widen(load_pack<scalar_t, VEC>(x_base + at.offset(idx, p.x_stride, VEC)), x);
         widen(load_pack<scalar_t, VEC>(dyr + idx * VEC), dy);
       }
     };
@@ -372,9 +447,9 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp)
       rewiden_after_here(held_x);
       rewiden_after_here(held_dy);
     }
-    const acc_t mean_g = p.norm == Norm::LayerNorm ? warp_sum(sg) * inv_c : acc_t(0);
-    const acc_t mean_gx = warp_sum(sgx) * inv_c;
-    scalar_t* dxr = static_cast<scalar_t*>(p.grad_x) + tok * C;
+    const acc_t mean_g = p.norm == Norm::LayerNorm ? warp_sum(sg) * inv_n : acc_t(0);
+    const acc_t mean_gx = warp_sum(sgx) * inv_n;
+    scalar_t* dx_base = static_cast<scalar_t*>(p.grad_x);
     for_lane_packs<kLoads>(packs, lane, [&](int l, int64_t idx) {
       acc_t x[VEC], dy[VEC], w[VEC], dx[VEC];
       values(l, idx, x, dy);
@@ -383,7 +458,7 @@ __global__ void __launch_bounds__(kBackwardWarps* kWarp)
       for (int e = 0; e < VEC; ++e) {
         dx[e] = norm_grad_input<acc_t>(dy[e] * w[e], (x[e] - mean) * rstd, rstd, mean_g, mean_gx);
       }
-      store_pack(dxr + idx * VEC, narrow<scalar_t>(dx));
+      store_pack(dx_base + at.offset(idx, p.channels, VEC), narrow<scalar_t>(dx));
     });
   }
   if constexpr (kShared) {
@@ -451,17 +526,21 @@ bool with_tile(int64_t per_lane, F&& f, std::index_sequence<I...>) {
 }
 
 // Calls launch.template operator()<VEC, kLoads>() with the widest vectors the row layout allows and the
-// fewest packs per lane that hold a token's kRowsHeld rows, or the streaming walk (kLoads = 0) when they do
-// not fit in kHeldRegisters: more would spill or cost occupancy.
-template <typename scalar_t, int kRowsHeld, typename Launch>
-void with_tiling(const Params& p, bool rows_aligned, Launch&& launch) {
+// fewest packs per lane that hold a unit's kRowsHeld rows of unit_size values, or the streaming walk
+// (kLoads = 0) when they do not fit in kHeldRegisters: more would spill or cost occupancy. A merged row
+// (kPostshuffle) is held in at most kPostshuffleMaxLoads packs per lane: its window's addressing takes
+// registers too, and wider tiles spilled.
+template <typename scalar_t, int kRowsHeld, bool kPostshuffle, typename Launch>
+void with_tiling(const Params& p, int64_t unit_size, bool rows_aligned, Launch&& launch) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   if (!rows_aligned || p.channels % VEC != 0) {
     launch.template operator()<1, 0>();
     return;
   }
-  const int64_t per_lane = (p.channels / VEC + kWarp - 1) / kWarp;
-  const bool held = with_tile<kMaxLoads<scalar_t, kRowsHeld>>(
+  const int64_t per_lane = (unit_size / VEC + kWarp - 1) / kWarp;
+  constexpr int kMax = kPostshuffle ? std::min(kPostshuffleMaxLoads, kMaxLoads<scalar_t, kRowsHeld>)
+                                    : kMaxLoads<scalar_t, kRowsHeld>;
+  const bool held = with_tile<kMax>(
       per_lane, [&]<int kLoads>() { launch.template operator()<VEC, kLoads>(); },
       std::make_index_sequence<std::size(kTiles)>());
   if (!held) {
@@ -498,14 +577,20 @@ void merge_forward_cuda(const Params& params) {
     return;
   }
   check_token_count(p);
-  const int64_t blocks = (p.tokens + kForwardWarps - 1) / kForwardWarps;
+  const int64_t mm = p.merge_size * p.merge_size;
+  const int64_t units = p.postshuffle ? p.tokens / mm : p.tokens;
+  const int64_t unit_size = p.postshuffle ? mm * p.channels : p.channels;
+  const int64_t blocks = (units + kForwardWarps - 1) / kForwardWarps;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, static_cast<at::ScalarType>(p.dtype),
                                   "vlfuse.merge2x2", [&] {
     const bool rows_aligned = aligned16(p.x) && aligned16(p.out) && (p.x_stride * sizeof(scalar_t)) % 16 == 0 &&
                               aligned16(p.weight) && (p.bias == nullptr || aligned16(p.bias));
-    with_tiling<scalar_t, 1>(p, rows_aligned, [&]<int VEC, int kLoads>() {
-      forward_kernel<scalar_t, VEC, kLoads><<<static_cast<unsigned>(blocks), kForwardWarps * kWarp, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_postshuffle(p, [&]<bool kPostshuffle>() {
+      with_tiling<scalar_t, 1, kPostshuffle>(p, unit_size, rows_aligned, [&]<int VEC, int kLoads>() {
+        forward_kernel<scalar_t, VEC, kLoads, kPostshuffle>
+            <<<static_cast<unsigned>(blocks), kForwardWarps * kWarp, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
 }
@@ -521,6 +606,9 @@ void merge_backward_cuda(const Params& params) {
   check_token_count(p);
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, p.device_index));
+  // Units of the walk (tokens, or merged rows) and the values per unit, which is also the size of the weight.
+  const int64_t mm = p.merge_size * p.merge_size;
+  const int64_t units = p.postshuffle ? p.tokens / mm : p.tokens, N = p.postshuffle ? mm * p.channels : p.channels;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, static_cast<at::ScalarType>(p.dtype),
                                   "vlfuse.merge2x2_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -528,49 +616,51 @@ void merge_backward_cuda(const Params& params) {
                               aligned16(p.weight) && (p.x_stride * sizeof(scalar_t)) % 16 == 0 &&
                               (p.grad_out_stride * sizeof(scalar_t)) % 16 == 0;
     const bool want_wb = p.grad_weight != nullptr || p.grad_bias != nullptr;
-    with_tiling<scalar_t, 2>(p, rows_aligned, [&]<int VEC, int kLoads>() {
-      // Shared memory: the staged weight row, plus each warp's weight and bias rows when those are wanted.
-      const size_t row_bytes = slot_row_size(p.channels, VEC) * sizeof(acc_t);
-      const int64_t rows_fit = static_cast<int64_t>(kSharedLimit / row_bytes);
-      const int rows_per_warp = want_wb ? 2 : 0;
-      const bool shared = 1 + rows_per_warp <= rows_fit;
-      const int warps = want_wb ? static_cast<int>(std::clamp<int64_t>((rows_fit - 1) / 2, 1, kBackwardWarps))
-                                : kBackwardWarps;
-      const size_t smem = shared ? (1 + rows_per_warp * warps) * row_bytes : 0;
-      auto launch = [&](auto* kernel) {
-        int per_sm = 0;
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * kWarp, smem));
-        const int64_t blocks =
-            std::min<int64_t>((p.tokens + warps - 1) / warps, static_cast<int64_t>(sms) * std::max(per_sm, 1));
-        const int64_t partial_rows = want_wb ? (shared ? blocks : blocks * warps) : 0;
-        const size_t partial_bytes = partial_rows * 2 * p.channels * sizeof(acc_t);
-        c10::DataPtr partial = c10::cuda::CUDACachingAllocator::get()->allocate(std::max<size_t>(partial_bytes, 1));
-        auto* partial_ptr = static_cast<acc_t*>(partial.get());
-        if (want_wb && !shared) {
-          C10_CUDA_CHECK(cudaMemsetAsync(partial_ptr, 0, partial_bytes, stream));
-        }
-        // 1 / C from the host: the device division's slow-path call cost a spill.
-        const acc_t inv_c = acc_t(1) / static_cast<acc_t>(p.channels);
-        kernel<<<static_cast<unsigned>(blocks), warps * kWarp, smem, stream>>>(p, partial_ptr, inv_c);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (want_wb) {
-          const dim3 grid((p.channels + kWarp - 1) / kWarp, 2);
-          column_sum_kernel<acc_t><<<grid, dim3(kWarp, 8), 0, stream>>>(
-              partial_ptr, partial_rows, p.channels, static_cast<acc_t*>(p.grad_weight),
-              static_cast<acc_t*>(p.grad_bias));
+    with_postshuffle(p, [&]<bool kPostshuffle>() {
+      with_tiling<scalar_t, 2, kPostshuffle>(p, N, rows_aligned, [&]<int VEC, int kLoads>() {
+        // Shared memory: the staged weight row, plus each warp's weight and bias rows when those are wanted.
+        const size_t row_bytes = slot_row_size(N, VEC) * sizeof(acc_t);
+        const int64_t rows_fit = static_cast<int64_t>(kSharedLimit / row_bytes);
+        const int rows_per_warp = want_wb ? 2 : 0;
+        const bool shared = 1 + rows_per_warp <= rows_fit;
+        const int warps = want_wb ? static_cast<int>(std::clamp<int64_t>((rows_fit - 1) / 2, 1, kBackwardWarps))
+                                  : kBackwardWarps;
+        const size_t smem = shared ? (1 + rows_per_warp * warps) * row_bytes : 0;
+        auto launch = [&](auto* kernel) {
+          int per_sm = 0;
+          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, warps * kWarp, smem));
+          const int64_t blocks =
+              std::min<int64_t>((units + warps - 1) / warps, static_cast<int64_t>(sms) * std::max(per_sm, 1));
+          const int64_t partial_rows = want_wb ? (shared ? blocks : blocks * warps) : 0;
+          const size_t partial_bytes = partial_rows * 2 * N * sizeof(acc_t);
+          c10::DataPtr partial = c10::cuda::CUDACachingAllocator::get()->allocate(std::max<size_t>(partial_bytes, 1));
+          auto* partial_ptr = static_cast<acc_t*>(partial.get());
+          if (want_wb && !shared) {
+            C10_CUDA_CHECK(cudaMemsetAsync(partial_ptr, 0, partial_bytes, stream));
+          }
+          // 1 / N from the host: the device division's slow-path call cost a spill.
+          const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+          kernel<<<static_cast<unsigned>(blocks), warps * kWarp, smem, stream>>>(p, partial_ptr, inv_n);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
+          if (want_wb) {
+            const dim3 grid((N + kWarp - 1) / kWarp, 2);
+            column_sum_kernel<acc_t><<<grid, dim3(kWarp, 8), 0, stream>>>(
+                partial_ptr, partial_rows, N, static_cast<acc_t*>(p.grad_weight),
+                static_cast<acc_t*>(p.grad_bias));
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          }
+        };
+        // Rows held in registers are narrow enough for shared memory (see kHeldRegisters): only streaming
+        // kernels need the global-memory variant.
+        static_assert(3 * kMaxLoads<scalar_t, 2> * kWarp * VEC * sizeof(acc_t) <= kSharedLimit);
+        if constexpr (kLoads > 0) {
+          launch(backward_kernel<scalar_t, VEC, kLoads, true, kPostshuffle>);
+        } else if (shared) {
+          launch(backward_kernel<scalar_t, VEC, 0, true, kPostshuffle>);
+        } else {
+          launch(backward_kernel<scalar_t, VEC, 0, false, kPostshuffle>);
         }
-      };
-      // Rows held in registers are narrow enough for shared memory (see kHeldRegisters): only streaming
-      // kernels need the global-memory variant.
-      static_assert(3 * kMaxLoads<scalar_t, 2> * kWarp * VEC * sizeof(acc_t) <= kSharedLimit);
-      if constexpr (kLoads > 0) {
-        launch(backward_kernel<scalar_t, VEC, kLoads, true>);
-      } else if (shared) {
-        launch(backward_kernel<scalar_t, VEC, 0, true>);
-      } else {
-        launch(backward_kernel<scalar_t, VEC, 0, false>);
-      }
+      });
     });
   });
 }

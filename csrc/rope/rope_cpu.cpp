@@ -2,7 +2,9 @@
 // tokens. A tile's coefficients (cos/sin per token and pair) are computed once into a small per-thread table
 // and reused by every head of q and k. Rows are converted to and from float one accumulator vector at a time
 // (8 elements on AVX2, 16 on AVX-512): a head_dim of 80 (40 pairs) has no partial vector on AVX2, and on AVX-512
-// its last 8 pairs are done as the whole vector of pairs 24-39 (see rotate_row).
+// its last 8 pairs are done as the whole vector of pairs 24-39 (see rotate_row). Qwen3-VL's 72 (36 pairs) ends
+// each half with such an overlapping vector too (pairs 28-35 on AVX2, 20-35 on AVX-512), or, bfloat16 on AVX2,
+// with 4 pairs in 128-bit registers after two whole blocks (rotate_quarter): never a masked or scalar one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -43,6 +45,26 @@ constexpr bool kPermutedRows =
     cpu::BlockIO<scalar_t>::kPermuted;
 #endif
 
+// Pairs a permuted row ends with in 128-bit registers (rotate_quarter), after its whole blocks: half a float
+// vector, as in Qwen3-VL's head_dim 72 (36 pairs: two 16-pair blocks and 4).
+constexpr int64_t kQuarterPairs = 4;
+
+// Pairs [0, block_extent) of a row go through BlockIO's permuted whole blocks (see rotate_row); the rest in
+// natural order. All whole blocks, except that a rest shorter than a vector (and not kQuarterPairs), after a
+// whole block, takes the last block back into the natural-order part, which then ends with an overlapping
+// whole vector instead of a masked partial one.
+template <typename scalar_t>
+constexpr int64_t block_extent(int64_t half) {
+  if constexpr (!kPermutedRows<scalar_t>) {
+    return 0;
+  } else {
+    constexpr int64_t kBlock = cpu::VecIO<scalar_t>::kBlock;
+    constexpr int64_t W = Vectorized<at::opmath_type<scalar_t>>::size();
+    const int64_t whole = half / kBlock * kBlock, rest = half - whole;
+    return rest % W != 0 && rest < W && rest != kQuarterPairs && whole > 0 ? whole - kBlock : whole;
+  }
+}
+
 // Per-pair coefficients of one token (see rope.h). With angles, c2/s2 equal c1/s1 (kShared) and each vector of
 // them is loaded once instead of twice.
 template <typename acc_t>
@@ -66,6 +88,34 @@ inline void rotate_vec(const Vectorized<acc_t>& lo, const Vectorized<acc_t>& hi,
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// Rotates pairs [i, i + kQuarterPairs) of a bfloat16 row (natural order, in the row and in the coefficients)
+// with 8-byte loads and stores of 128-bit registers: neither a partial 256-bit vector (a scalar loop through
+// the stack on AVX2) nor an overlapping one (which would read coefficients the blocks before hold permuted).
+template <bool kShared>
+inline void rotate_quarter(const c10::BFloat16* x, c10::BFloat16* y, int64_t half, int64_t i,
+                           const TokenCoeffs<float>& c, bool stream) {
+  const auto load = [](const c10::BFloat16* p) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(raw), 16));  // a bfloat16 is a float's high half
+  };
+  const auto store = [stream](c10::BFloat16* p, __m128 v) {
+    const __m128i packed = at::vec::cvtfp32_bf16(_mm256_zextps128_ps256(v));  // rounds to nearest even
+    if (stream) {
+      _mm_stream_si64(reinterpret_cast<long long*>(p), _mm_cvtsi128_si64(packed));
+    } else {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), packed);
+    }
+  };
+  const __m128 c1 = _mm_loadu_ps(c.c1 + i), s1 = _mm_loadu_ps(c.s1 + i);
+  const __m128 c2 = kShared ? c1 : _mm_loadu_ps(c.c2 + i), s2 = kShared ? s1 : _mm_loadu_ps(c.s2 + i);
+  __m128 a, b;
+  rope::rotate_pair<__m128>(load(x + i), load(x + half + i), c1, s1, c2, s2, a, b);
+  store(y + i, a);
+  store(y + half + i, b);
+}
+#endif
+
 // kHalf: the pair count when the walk fixed it at compile time (see rope_impl), else 0 and runtime_half says it.
 template <bool kShared, int64_t kHalf, typename scalar_t>
 inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
@@ -77,12 +127,13 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
   constexpr int64_t W = fVec::size();
   int64_t i = 0;
   if constexpr (kPermutedRows<scalar_t>) {
+    const int64_t extent = block_extent<scalar_t>(half);
     // Whole blocks in BlockIO's lane order, which costs fewer conversion instructions than the natural order;
     // the coefficient rows are laid out the same way (permute_coeff_rows), and the rest of the row, shorter
     // than a block, is in natural order in both.
     constexpr int64_t kBlock = cpu::VecIO<scalar_t>::kBlock;
     constexpr int kParts = cpu::VecIO<scalar_t>::kAccPerBlock;
-    for (; i + kBlock <= half; i += kBlock) {
+    for (; i < extent; i += kBlock) {
       fVec lo[kParts], hi[kParts], a[kParts], b[kParts];
       Block::load(x + i, lo);
       Block::load(x + half + i, hi);
@@ -92,6 +143,12 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t runtime_half,
       Block::store(y + i, a, stream);
       Block::store(y + half + i, b, stream);
     }
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    if (half - i == kQuarterPairs) {
+      rotate_quarter<kShared>(x, y, half, i, c, stream);
+      return;
+    }
+#endif
   }
   // A partial last vector, when the natural-order part has a whole one before it, is done as the whole vector
   // that ends the row, overlapping its neighbour: masked stores are avoided, as a later load that touches a
@@ -193,15 +250,17 @@ void tile_coeffs(const Params& p, int64_t s0, int64_t count, acc_t* table) {
   }
 }
 
-// Puts each of the `tables` coefficient tables' `count` rows of half values (table k, row t at
-// table + k * kTileTokens * half + t * half) into BlockIO<scalar_t>'s lane order, for rotate_row's block loop.
+// Puts the first block_extent values of each of the `tables` coefficient tables' `count` rows of half values
+// (table k, row t at table + k * kTileTokens * half + t * half) into BlockIO<scalar_t>'s lane order, for
+// rotate_row's block loop.
 template <typename scalar_t, typename acc_t>
 void permute_coeff_rows(acc_t* table, int tables, int64_t count, int64_t half, std::vector<acc_t>& scratch) {
-  scratch.resize(half);
+  const int64_t extent = block_extent<scalar_t>(half);
+  scratch.resize(extent);
   for (int k = 0; k < tables; ++k) {
     for (int64_t t = 0; t < count; ++t) {
       acc_t* row = table + k * kTileTokens * half + t * half;
-      cpu::reorder_blocks<scalar_t>(row, half, scratch.data(), /*to_block=*/true);
+      cpu::reorder_blocks<scalar_t>(row, extent, scratch.data(), /*to_block=*/true);
       std::copy(scratch.begin(), scratch.end(), row);
     }
   }
@@ -249,7 +308,7 @@ void rope_impl(const Params& p) {
   const int64_t tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_elems * kTileTokens, 1));
 
-  // The models' head dims (64, 80, 128) get walks with their pair count fixed at compile time, so every row
+  // The models' head dims (64, 72, 80, 128) get walks with their pair count fixed at compile time, so every row
   // loop unrolls completely (no counters, no tail tests); others take the general walk (kHalf = 0).
   const auto walk = [&](auto shared, auto fixed_half) {
     constexpr bool kShared = decltype(shared)::value;
@@ -313,6 +372,8 @@ void rope_impl(const Params& p) {
     switch (half) {
       case 32:
         return walk(shared, std::integral_constant<int64_t, 32>{});
+      case 36:
+        return walk(shared, std::integral_constant<int64_t, 36>{});
       case 40:
         return walk(shared, std::integral_constant<int64_t, 40>{});
       case 64:

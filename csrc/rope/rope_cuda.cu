@@ -1,6 +1,8 @@
 // CUDA rotary kernel: one pass, one launch. A block row (threadIdx.y) owns one token: its lanes first compute
 // the token's rotation coefficients once into shared memory, then sweep every head of every slot (q, k, and
 // the copied v of rope_qkv) in 16-byte vectors, so a warp reads and writes contiguous runs of each head row.
+// A half-width that 16-byte vectors do not divide but 8-byte ones do (Qwen3-VL's head_dim 72: 36 pairs, 4.5
+// bf16 vectors of 8) takes 8-byte vectors: a warp's accesses still cover whole contiguous sectors.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -129,7 +131,7 @@ __global__ void __launch_bounds__(kLanes* kMaxTokensPerBlock, 4) rope_kernel(con
   }
 }
 
-// 16-byte vectors when every row start and the half-width allow it, else scalar accesses.
+// Whether vectors of vec elements fit: every row start aligned to them, and the half-width a multiple of them.
 template <typename scalar_t>
 bool can_vectorize(const Params& p, int vec) {
   if (p.half % vec != 0) {
@@ -176,11 +178,18 @@ void launch(const Params& p, cudaStream_t stream) {
 template <typename scalar_t, typename pos_t, bool kTable>
 void launch_typed(const Params& p, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kHalfVec = kVec / 2;  // 8-byte vectors
   if (can_vectorize<scalar_t>(p, kVec)) {
     launch<scalar_t, pos_t, kTable, kVec>(p, stream);
-  } else {
-    launch<scalar_t, pos_t, kTable, 1>(p, stream);
+    return;
   }
+  if constexpr (kHalfVec > 1) {
+    if (can_vectorize<scalar_t>(p, kHalfVec)) {
+      launch<scalar_t, pos_t, kTable, kHalfVec>(p, stream);
+      return;
+    }
+  }
+  launch<scalar_t, pos_t, kTable, 1>(p, stream);
 }
 
 }  // namespace

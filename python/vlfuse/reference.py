@@ -169,25 +169,28 @@ def merge2x2(
     norm: str = "layernorm",
     order: str = "merge",
     merge_size: int = 2,
+    postshuffle_norm: bool = False,
 ) -> Tensor:
     """x [S, C] -> [S / m^2, m^2 * C]: every token normalized (statistics in float32), then each m x m window
-    concatenated; order="raster" first gathers raster-ordered tokens into merge order."""
+    concatenated; order="raster" first gathers raster-ordered tokens into merge order. postshuffle_norm
+    concatenates first and normalizes each merged row of m^2 * C values (weight, bias [m^2 * C])."""
     acc = _acc(x.dtype)
-    xf = x.to(acc)
+    rows = x.to(acc)
+    if order == "raster":
+        rows = rows[raster_merge_index(grid_thw, merge_size).to(x.device)]
+    if postshuffle_norm:
+        rows = rows.reshape(-1, merge_size * merge_size * x.shape[-1])
     if norm == "layernorm":
-        mean = xf.mean(dim=-1, keepdim=True)
-        var = (xf - mean).square().mean(dim=-1, keepdim=True)
-        y = (xf - mean) * torch.rsqrt(var + eps) * weight.to(acc)
+        mean = rows.mean(dim=-1, keepdim=True)
+        var = (rows - mean).square().mean(dim=-1, keepdim=True)
+        y = (rows - mean) * torch.rsqrt(var + eps) * weight.to(acc)
         if bias is not None:
             y = y + bias.to(acc)
     elif norm == "rmsnorm":
-        y = xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps) * weight.to(acc)
+        y = rows * torch.rsqrt(rows.square().mean(dim=-1, keepdim=True) + eps) * weight.to(acc)
     else:
         raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {norm!r}")
-    y = y.to(x.dtype)
-    if order == "raster":
-        y = y[raster_merge_index(grid_thw, merge_size).to(y.device)]
-    return y.reshape(-1, merge_size * merge_size * x.shape[-1])
+    return y.to(x.dtype).reshape(-1, merge_size * merge_size * x.shape[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -40,24 +40,30 @@ def merge2x2(
     norm: str = "layernorm",
     order: str = "merge",
     merge_size: int = 2,
+    postshuffle_norm: bool = False,
 ) -> Tensor:
-    """Normalizes every token and concatenates each merge_size x merge_size window into one row.
+    """Normalizes every token and concatenates each merge_size x merge_size window into one row (or, with
+    postshuffle_norm, concatenates each window and normalizes the merged row).
 
     x:        [S, C]          tokens of all items, concatenated (unit stride on C is fastest; any strides work)
     grid_thw: [items, 3] int  (t, h, w) per image or video, in patches; h and w multiples of merge_size, and
                               sum(t * h * w) == S. On the host it is checked value by value; on the GPU it is
                               read there (no host sync) and a bad grid raises a device-side assertion.
                               May be None for order="merge", which does not need it.
-    weight:   [C]             norm scale; bias: [C] or None (LayerNorm only)
+    weight:   [C]             norm scale; bias: [C] or None (LayerNorm only); both [m^2 * C] with postshuffle_norm
     norm:     "layernorm"  y = (x - mean) / sqrt(var + eps) * weight + bias
               "rmsnorm"    y = x / sqrt(mean(x^2) + eps) * weight
     order:    "merge"   tokens already in Qwen2-VL patch order: row r holds tokens r*m^2 .. r*m^2 + m^2 - 1
                         (HF's ``ln_q(x).view(-1, m * m * C)``)
               "raster"  each frame row-major over (h, w): rows run over items, frames, h-blocks, w-blocks and
                         row (hb, wb) holds tokens (hb*m + a, wb*m + b) for a, b in [0, m), a major
+    postshuffle_norm: the norm's statistics over each merged row's m^2 * C values instead of each token's C
+                      (Qwen3-VL's deepstack mergers, use_postshuffle_norm=True: ``norm(x.view(-1, m * m * C))``)
     returns:  [S / m^2, m^2 * C] in x's dtype. Differentiable w.r.t. x, weight and bias.
     """
-    return call_op(torch.ops.vlfuse.merge2x2.default, x, grid_thw, weight, bias, eps, norm, order, merge_size)[0]
+    return call_op(
+        torch.ops.vlfuse.merge2x2.default, x, grid_thw, weight, bias, eps, norm, order, merge_size, postshuffle_norm
+    )[0]
 
 
 # ---- fake (meta) kernels: the C++ checks (csrc/merge/merge.cpp), in its order, and the output shapes -----------
@@ -78,15 +84,12 @@ def _check_x(op, x, merge_size) -> None:
     )
 
 
-def _check_param(op, t, name, x) -> None:
+def _check_param(op, t, name, x, merge_size, postshuffle_norm) -> None:
     check_same_device(t, name, x, "x", op)
     check_float_tensor(t, op, name)
-    check_value(
-        t.dim() == 1 and t.shape[0] == x.shape[1],
-        op,
-        f"{name} must be [channels] = [{x.shape[1]}], got shape ",
-        shape(t),
-    )
+    want = merge_size * merge_size * x.shape[1] if postshuffle_norm else x.shape[1]
+    what = "merge_size^2 * channels" if postshuffle_norm else "channels"
+    check_value(t.dim() == 1 and t.shape[0] == want, op, f"{name} must be [{what}] = [{want}], got shape ", shape(t))
 
 
 def _check_grid(op, grid_thw, x, order) -> None:
@@ -117,7 +120,7 @@ def _check_norm_and_order(op, norm, order) -> None:
 
 
 @torch.library.register_fake("vlfuse::merge2x2")
-def _(x, grid_thw, weight, bias, eps, norm, order, merge_size):
+def _(x, grid_thw, weight, bias, eps, norm, order, merge_size, postshuffle_norm=False):
     op = "merge2x2"
     _check_norm_and_order(op, norm, order)
     _check_x(op, x, merge_size)
@@ -125,19 +128,20 @@ def _(x, grid_thw, weight, bias, eps, norm, order, merge_size):
     check_value(
         not (norm == "rmsnorm" and bias is not None), op, 'bias must be None for norm="rmsnorm" (RMSNorm has no bias)'
     )
-    _check_param(op, weight, "weight", x)
+    _check_param(op, weight, "weight", x, merge_size, postshuffle_norm)
     if bias is not None:
-        _check_param(op, bias, "bias", x)
+        _check_param(op, bias, "bias", x, merge_size, postshuffle_norm)
     _check_grid(op, grid_thw, x, order)
     S, C = x.shape
     mm = merge_size * merge_size
     acc = _acc_dtype(x.dtype)
-    mean = x.new_empty((S if norm == "layernorm" else 0,), dtype=acc)
-    return x.new_empty((S // mm, mm * C)), mean, x.new_empty((S,), dtype=acc)
+    stats_rows = S // mm if postshuffle_norm else S  # one mean and rstd per normalized row
+    mean = x.new_empty((stats_rows if norm == "layernorm" else 0,), dtype=acc)
+    return x.new_empty((S // mm, mm * C)), mean, x.new_empty((stats_rows,), dtype=acc)
 
 
 @torch.library.register_fake("vlfuse::merge2x2_backward")
-def _(grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, output_mask):
+def _(grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, output_mask, postshuffle_norm=False):
     op = "merge2x2_backward"
     _check_norm_and_order(op, norm, order)
     _check_x(op, x, merge_size)
@@ -156,7 +160,7 @@ def _(grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, output
     )
     acc = _acc_dtype(x.dtype)
     for stat, name in ((mean, "mean"), (rstd, "rstd")):
-        want = 0 if name == "mean" and norm == "rmsnorm" else S
+        want = 0 if name == "mean" and norm == "rmsnorm" else (S // mm if postshuffle_norm else S)
         check_same_device(stat, name, x, "x", op)
         check_value(
             stat.dtype == acc and stat.dim() == 1 and stat.shape[0] == want,
@@ -165,12 +169,13 @@ def _(grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, output
             "of shape ",
             shape(stat),
         )
-    _check_param(op, weight, "weight", x)
+    _check_param(op, weight, "weight", x, merge_size, postshuffle_norm)
     _check_grid(op, grid_thw, x, order)
     # Gradients that output_mask does not ask for come back as empty [0] tensors.
+    P = weight.shape[0]
     grad_x = x.new_empty((S, C) if output_mask[0] else (0,))
-    grad_w = weight.new_empty((C,) if output_mask[1] else (0,))
-    grad_b = weight.new_empty((C,) if output_mask[2] else (0,))
+    grad_w = weight.new_empty((P,) if output_mask[1] else (0,))
+    grad_b = weight.new_empty((P,) if output_mask[2] else (0,))
     return grad_x, grad_w, grad_b
 
 
@@ -178,9 +183,9 @@ def _(grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, output
 
 
 def _merge2x2_setup(ctx, inputs, output):
-    x, grid_thw, weight, bias, eps, norm, order, merge_size = inputs
+    x, grid_thw, weight, bias, eps, norm, order, merge_size, *rest = inputs
     _, mean, rstd = output
-    ctx.config = (norm, order, merge_size)
+    ctx.config = (norm, order, merge_size, bool(rest[0]) if rest else False)
     ctx.has_bias = bias is not None
     # The statistics are outputs only for the backward to reuse: marked so, and with gradients left None rather
     # than materialized, autograd neither tracks them nor builds two zero tensors for them in every backward.
@@ -191,22 +196,17 @@ def _merge2x2_setup(ctx, inputs, output):
 
 def _merge2x2_backward(ctx, grad_out, grad_mean, grad_rstd):
     x, grid_thw, weight, mean, rstd = ctx.saved_tensors
-    norm, order, merge_size = ctx.config
+    norm, order, merge_size, postshuffle_norm = ctx.config
+    n_inputs = len(ctx.needs_input_grad)
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3]]
     if grad_out is None or not any(mask):
-        return None, None, None, None, None, None, None, None
+        return (None,) * n_inputs
     op = torch.ops.vlfuse.merge2x2_backward.default
-    grad_x, grad_w, grad_b = call_op(op, grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, mask)
-    return (
-        grad_x if mask[0] else None,
-        None,
-        grad_w if mask[1] else None,
-        grad_b if mask[2] else None,
-        None,
-        None,
-        None,
-        None,
+    grad_x, grad_w, grad_b = call_op(
+        op, grad_out, x, grid_thw, weight, mean, rstd, norm, order, merge_size, mask, postshuffle_norm
     )
+    grads = (grad_x if mask[0] else None, None, grad_w if mask[1] else None, grad_b if mask[2] else None)
+    return grads + (None,) * (n_inputs - len(grads))
 
 
 register_autograd(torch.ops.vlfuse.merge2x2.default, _merge2x2_backward, _merge2x2_setup)
