@@ -431,14 +431,15 @@ def _qwen3_vl_vision_out(model: nn.Module, inputs: dict) -> list[torch.Tensor]:
     return outs
 
 
+@pytest.mark.parametrize("backend", ["vlfuse", "eager"])
 @pytest.mark.parametrize("tower", [True, False], ids=["tower", "pieces"])
-def test_auto_qwen3_vl_logits_match_and_revert(tower):
+def test_auto_qwen3_vl_logits_match_and_revert(tower, backend):
     model, inputs = _qwen3_vl_model(), _qwen3_vl_inputs()
     with torch.no_grad():
         ref_logits = model(**inputs).logits
         ref_vision = _qwen3_vl_vision_out(model, inputs)
     before = _state(model)
-    vlfuse.patch.auto(model, tower=tower, backend="eager")
+    vlfuse.patch.auto(model, tower=tower, backend=backend)
     _assert_state_unchanged(model, before)
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -462,7 +463,7 @@ def test_auto_qwen3_vl_training_step_gradients_match():
     for patch in (False, True):
         model = _qwen3_vl_model().train()
         if patch:
-            vlfuse.patch.auto(model, tower=True, backend="eager")
+            vlfuse.patch.auto(model, tower=True)
         model(**inputs, labels=inputs["input_ids"]).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     ref, got = grads

@@ -3,9 +3,8 @@ Qwen4-Exp) on vlfuse: ``VisionTower.from_hf`` and ``vlfuse.patch.auto`` against 
 random models, float32).
 
 Every call holds two images of different sizes and a video with an odd frame count; the grids are non-square and
-both smaller (4 patches) and larger (12 patches) than the 6 x 6 position table. The Qwen3 towers run on the "eager"
-backend here: the vlfuse backend needs vlfuse.ops.interp_pos_embed and merge2x2(postshuffle_norm=True), which land
-separately (``pending_ops_in_plain_torch`` stands in for them where the vlfuse backend runs).
+both smaller (4 patches) and larger (12 patches) than the 6 x 6 position table. Each tower test runs on both
+backends: "vlfuse" (the fused ops, interp_pos_embed and merge2x2(postshuffle_norm=True) among them) and "eager".
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from tolerances import tol
 
 transformers = pytest.importorskip("transformers")
 
-BACKEND = "eager"
 PATCH_DIM = 3 * 2 * 16 * 16
 GRID = [[1, 4, 6], [3, 8, 12], [1, 10, 4]]  # image, odd-frame video, non-square image
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -93,9 +91,9 @@ def family(request):
 # ---- the tower engine ------------------------------------------------------------------------------------------
 
 
-def test_tower_matches_hf(family):
+def test_tower_matches_hf(family, backend):
     name, hf = family
-    ours = VisionTower.from_hf(hf, backend=BACKEND).eval()
+    ours = VisionTower.from_hf(hf, backend=backend).eval()
     grid, pixels = torch.tensor(GRID), _pixels()
     with torch.no_grad():
         expected = hf(pixels, grid_thw=grid)
@@ -112,9 +110,9 @@ def test_tower_matches_hf(family):
     assert chunked.hidden is None
 
 
-def test_head_dim_72():
+def test_head_dim_72(backend):
     hf = _hf_tower("qwen3_vl", hidden=144, heads=2, depth=2)
-    ours = VisionTower.from_hf(hf, backend=BACKEND).eval()
+    ours = VisionTower.from_hf(hf, backend=backend).eval()
     assert ours.config.head_dim == 72
     grid, pixels = torch.tensor(GRID), _pixels()
     with torch.no_grad():
@@ -125,23 +123,14 @@ def test_head_dim_72():
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.fixture
-def pending_ops_in_plain_torch(monkeypatch):
-    """Stands in for the two ops that land separately (vlfuse.ops.interp_pos_embed and merge2x2's
-    postshuffle_norm) with the eager backend's functions, so that the tower's vlfuse backend runs every other op now.
-    Drop it once they land."""
-    eager = backends.get("eager")
-    merge2x2 = vlfuse.ops.merge2x2
-
-    def merge(*args, postshuffle_norm=False, **kwargs):
-        return eager.merge2x2(*args, postshuffle_norm=True, **kwargs) if postshuffle_norm else merge2x2(*args, **kwargs)
-
-    monkeypatch.setattr(vlfuse.ops, "interp_pos_embed", eager.interp_pos_embed, raising=False)
-    monkeypatch.setattr(vlfuse.ops, "merge2x2", merge)
+@pytest.fixture(params=["vlfuse", "eager"])
+def backend(request):
+    """The tower's backend: a test taking this runs on both."""
+    return request.param
 
 
 @pytest.mark.parametrize("name, hidden, heads", [("qwen3_vl", 144, 2), ("qwen3_omni_moe", 64, 4)])
-def test_tower_on_vlfuse_ops(name, hidden, heads, pending_ops_in_plain_torch):
+def test_tower_on_vlfuse_ops(name, hidden, heads):
     hf = _hf_tower(name, hidden=hidden, heads=heads, depth=3)
     ours = VisionTower.from_hf(hf, backend="vlfuse").eval()
     grid, pixels = torch.tensor(GRID), _pixels()
@@ -165,9 +154,9 @@ def test_rotary_frequencies_equal_hf():
 
 
 @pytest.mark.parametrize("name", ["qwen3_vl", "qwen3_omni_moe"])
-def test_gradients_match_hf(name):
+def test_gradients_match_hf(name, backend):
     hf = _hf_tower(name).train()
-    ours = VisionTower.from_hf(hf, backend=BACKEND).train()
+    ours = VisionTower.from_hf(hf, backend=backend).train()
     grid, pixels = torch.tensor(GRID), _pixels()
     torch.manual_seed(2)
     weights = [torch.randn(pixels.shape[0] // 4, 48) for _ in range(3)]
@@ -195,7 +184,7 @@ def test_gradients_match_hf(name):
 
 
 @pytest.mark.parametrize("name, backend", [("qwen3_vl", "vlfuse"), ("qwen3_omni_moe", "eager"), ("qwen3_5", "eager")])
-def test_bf16_error_within_hf_own_rounding(name, backend, pending_ops_in_plain_torch):
+def test_bf16_error_within_hf_own_rounding(name, backend):
     """In bf16 the tower is as close to the fp32 tower as HF's own bf16 tower is (within 1.5x), merged tokens and
     deepstack features alike."""
     hf = _hf_tower(name)
@@ -215,9 +204,9 @@ def test_bf16_error_within_hf_own_rounding(name, backend, pending_ops_in_plain_t
         assert (ours.float() - reference).abs().max() <= 1.5 * (theirs.float() - reference).abs().max()
 
 
-def test_shared_parameters_are_hf_parameters(family):
+def test_shared_parameters_are_hf_parameters(family, backend):
     name, hf = family
-    shared = VisionTower.from_hf(hf, backend=BACKEND, share_parameters=True)
+    shared = VisionTower.from_hf(hf, backend=backend, share_parameters=True)
     ours = dict(shared.named_parameters())
     assert ours.keys() == dict(hf.named_parameters()).keys()
     assert all(ours[n] is p for n, p in hf.named_parameters())
@@ -258,7 +247,7 @@ def test_interp_pos_embed_matches_hf(dtype):
 
 @pytest.mark.parametrize("postshuffle", [False, True])
 @pytest.mark.parametrize("names", ["qwen3", "qwen2"])
-def test_qwen3_patch_merger_matches_hf(postshuffle, names):
+def test_qwen3_patch_merger_matches_hf(postshuffle, names, backend):
     config_cls, _, modeling = _hf_classes("qwen3_vl" if names == "qwen3" else "qwen3_omni_moe")
     merger_cls = modeling.Qwen3VLVisionPatchMerger if names == "qwen3" else modeling.Qwen3OmniMoeVisionPatchMerger
     config = config_cls(hidden_size=16, out_hidden_size=24, spatial_merge_size=2)
@@ -267,7 +256,7 @@ def test_qwen3_patch_merger_matches_hf(postshuffle, names):
     with torch.no_grad():
         for param in hf.parameters():
             param.normal_(0.0, 0.5)
-    ours = PatchMerger(24, 16, postshuffle_norm=postshuffle, names=names, backend=BACKEND)
+    ours = PatchMerger(24, 16, postshuffle_norm=postshuffle, names=names, backend=backend)
     ours.load_state_dict(hf.state_dict())
     x = torch.randn(40, 16)
     with torch.no_grad():
@@ -279,7 +268,7 @@ def test_qwen3_patch_merger_matches_hf(postshuffle, names):
 
 @pytest.mark.parametrize("backend", ["eager", "vlfuse"])
 @pytest.mark.parametrize("tower", [True, False], ids=["tower", "pieces"])
-def test_auto_patch_matches_hf_and_reverts(family, tower, backend, pending_ops_in_plain_torch):
+def test_auto_patch_matches_hf_and_reverts(family, tower, backend):
     name, hf = family
     grid, pixels = torch.tensor(GRID), _pixels()
     state = {k: (v.clone(), v.data_ptr()) for k, v in hf.state_dict().items()}
@@ -304,11 +293,11 @@ def test_auto_patch_matches_hf_and_reverts(family, tower, backend, pending_ops_i
         assert torch.equal(value, state[key][0]) and value.data_ptr() == state[key][1], key
 
 
-def test_named_entry_patches_each_piece_and_only_those(family):
+def test_named_entry_patches_each_piece_and_only_those(family, backend):
     name, hf = family
     _, _, modeling = _hf_classes(name)
     entry = getattr(vlfuse.patch, name)
-    entry(hf, rotary=False, merger=False, backend=BACKEND)
+    entry(hf, rotary=False, merger=False, backend=backend)
     try:
         patched = {type(m).__name__ for m in hf.modules() if "forward" in m.__dict__}
         assert patched == {vlfuse.patch._FAMILIES[name].patch_embed}
@@ -321,14 +310,14 @@ def test_named_entry_patches_each_piece_and_only_those(family):
         torch.testing.assert_close(got, hf(pixels, grid_thw=grid).pooler_output, **TOL)
 
 
-def test_class_patch_and_revert():
+def test_class_patch_and_revert(backend):
     _, tower_cls, modeling = _hf_classes("qwen3_vl")
     originals = (tower_cls.forward, modeling.Qwen3VLVisionPatchMerger.forward, modeling.apply_rotary_pos_emb_vision)
     hf = _hf_tower("qwen3_vl")
     grid, pixels = torch.tensor(GRID), _pixels()
     with torch.no_grad():
         before = hf(pixels, grid_thw=grid)
-        assert vlfuse.patch.qwen3_vl(tower=True, backend=BACKEND) is None
+        assert vlfuse.patch.qwen3_vl(tower=True, backend=backend) is None
         try:
             assert modeling.apply_rotary_pos_emb_vision is not originals[2]
             after = hf(pixels, grid_thw=grid)
@@ -354,8 +343,8 @@ def test_auto_on_an_unsupported_model_names_the_classes():
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
 
-def test_bad_inputs_give_clear_errors():
-    ours = VisionTower.from_hf(_hf_tower("qwen3_vl", depth=1), backend=BACKEND)
+def test_bad_inputs_give_clear_errors(backend):
+    ours = VisionTower.from_hf(_hf_tower("qwen3_vl", depth=1), backend=backend)
     pixels = _pixels()
     with pytest.raises(ValueError, match="multiples of the merge size 2"):
         ours(pixels[:15], [[1, 3, 5]])
