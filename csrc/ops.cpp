@@ -37,8 +37,9 @@ TORCH_LIBRARY(vlfuse, m) {
   // table [side * side, C] -> [tokens, C] in table's dtype: the table bilinearly resampled (align_corners=True)
   // to each item's (h, w) patch grid, rows in merge order and repeated for every frame, plus bias [C] when
   // given. tokens = sum of t * h * w: optional with grid_thw on the host (checked against it), required with
-  // grid_thw on the GPU (which is then read only there).
-  m.def("interp_pos_embed(Tensor table, Tensor grid_thw, int merge_size, Tensor? bias=None, int? tokens=None) -> Tensor");
+  // grid_thw on the GPU (which is then read only there). tokens is a SymInt so that torch.compile keeps it
+  // symbolic: one graph serves every grid instead of one per token count.
+  m.def("interp_pos_embed(Tensor table, Tensor grid_thw, int merge_size, Tensor? bias=None, SymInt? tokens=None) -> Tensor");
   // Gradient of interp_pos_embed with respect to table: grad_out [tokens, C] -> [side * side, C].
   m.def("interp_pos_embed_backward(Tensor grad_out, Tensor grid_thw, int side, int merge_size) -> Tensor");
 }

@@ -361,3 +361,24 @@ def test_bad_inputs_give_clear_errors(backend):
         eager.interp_pos_embed(torch.zeros(36, 64), torch.tensor(GRID), tokens=350)
     with pytest.raises(ValueError, match="num_position_embeddings 35 must be a square"):
         Qwen2VLVisionConfig(num_position_embeddings=35).validate()
+
+
+def test_compile_fullgraph_no_breaks():
+    """The Qwen3-VL tower (position table, deepstack mergers) compiles without a graph break, on vlfuse's ops, and
+    one graph serves images of any size (sizes smaller and larger than the table)."""
+    import torch._dynamo.testing
+
+    ours = VisionTower.from_hf(_hf_tower("qwen3_vl", depth=2)).eval()
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(ours.features, backend=counter, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for grid in ([[1, 8, 12]], [[1, 4, 6]], [[1, 6, 10]], [[1, 12, 4]]):
+            plan = ours.plan(grid)
+            got, expected = compiled(_pixels(grid), plan=plan), ours.features(_pixels(grid), plan=plan)
+            torch.testing.assert_close(got.merged, expected.merged, **TOL)
+            for a, b in zip(got.deepstack, expected.deepstack, strict=True):
+                torch.testing.assert_close(a, b, **TOL)
+    assert counter.frame_count == 1
+    explained = torch._dynamo.explain(ours.features)(_pixels(), plan=ours.plan(GRID))
+    assert explained.graph_break_count == 0
