@@ -13,9 +13,12 @@
 //
 // The row passes keep their accumulators in registers: every loop below is over whole blocks with a
 // compile-time width (Full) and compile-time accumulator indices, and only the last, shorter block of a row
-// takes the partial load/store path. Whole blocks go through cpu::BlockIO, whose lane order may be permuted
-// (bfloat16 on AVX2): the [C] weight and bias are laid out in that order once per call, and the weight/bias
-// gradients put back in natural order at the end.
+// takes the partial load/store path. The passes, for_blocks and the block bodies of the normalizing and
+// gradient passes are forced inline (VLFUSE_ROW_INLINE*): called from both walks, per token and post-shuffle,
+// they were no longer inlined as functions called once, and went out of line with the accumulators in memory.
+// Whole blocks go through cpu::BlockIO, whose lane order may be permuted (bfloat16 on AVX2): the [C] weight and
+// bias are laid out in that order once per call, and the weight/bias gradients put back in natural order at the
+// end.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -28,6 +31,9 @@
 
 #include "common/cpu_vec.h"
 #include "merge/merge.h"
+
+#define VLFUSE_ROW_INLINE inline __attribute__((always_inline))
+#define VLFUSE_ROW_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace vlfuse::VLFUSE_ISA_NS {
 
@@ -57,10 +63,10 @@ struct Row {
   // in f compile to their full-width form) for all but a shorter last block, and slot (a compile-time
   // integral_constant in [0, kUnroll)) names the accumulator set the block adds into.
   template <typename F>
-  static inline void for_blocks(int64_t C, F&& f) {
+  static VLFUSE_ROW_INLINE void for_blocks(int64_t C, F&& f) {
     int64_t i = 0;
     for (; i + kUnroll * kBlock <= C; i += kUnroll * kBlock) {
-      [&]<int... U>(std::integer_sequence<int, U...>) {
+      [&]<int... U>(std::integer_sequence<int, U...>) VLFUSE_ROW_INLINE_LAMBDA {
         (f(i + U * kBlock, Full{}, Slot<U>{}), ...);
       }(std::make_integer_sequence<int, kUnroll>{});
     }
@@ -143,7 +149,7 @@ struct Row {
   }
 
   // Sum of the first n elements of a token.
-  static inline acc_t sum(const scalar_t* x, int64_t n) {
+  static VLFUSE_ROW_INLINE acc_t sum(const scalar_t* x, int64_t n) {
     fVec acc[kAcc];
     zero(acc);
     for_blocks(n, [&](int64_t i, auto len, auto slot) {
@@ -157,7 +163,7 @@ struct Row {
   }
 
   // Sums of d = x - K and of d^2 over a token.
-  static inline void shifted_sums(const scalar_t* x, int64_t C, acc_t K, acc_t& sum_d, acc_t& sum_d2) {
+  static VLFUSE_ROW_INLINE void shifted_sums(const scalar_t* x, int64_t C, acc_t K, acc_t& sum_d, acc_t& sum_d2) {
     fVec s[kAcc], q[kAcc];
     zero(s);
     zero(q);
@@ -231,10 +237,11 @@ struct Row {
 
   // Normalizes token x [C] into y [C] with statistics mean, rstd (weight and bias [C] in block order, bias may
   // be null); prefetches the token read next, next_x.
-  static inline void normalize_token(const scalar_t* x, scalar_t* y, const acc_t* weight, const acc_t* bias,
-                                     int64_t C, acc_t mean, acc_t rstd, const scalar_t* next_x, bool stream) {
+  static VLFUSE_ROW_INLINE void normalize_token(const scalar_t* x, scalar_t* y, const acc_t* weight,
+                                                const acc_t* bias, int64_t C, acc_t mean, acc_t rstd,
+                                                const scalar_t* next_x, bool stream) {
     const fVec mv(mean), rv(rstd);
-    for_blocks(C, [&](int64_t i, auto n, auto) {
+    for_blocks(C, [&](int64_t i, auto n, auto) VLFUSE_ROW_INLINE_LAMBDA {
       cpu::prefetch(next_x + i);
       fVec v[kParts], wv[kParts], bv[kParts], yv[kParts];
       load(x + i, n, v);
@@ -299,8 +306,8 @@ struct Row {
   // they were over a third of this pass's instructions. Prefetches the G tokens read next (next), so that their
   // grad_sums do not wait on memory and memory is kept busy while this pass runs from cache.
   template <int G>
-  static inline void grad_pass(const GradToken* tokens, const GradToken* next, const acc_t* weight, int64_t C,
-                               acc_t* pw, acc_t* pb, bool stream) {
+  static VLFUSE_ROW_INLINE void grad_pass(const GradToken* tokens, const GradToken* next, const acc_t* weight,
+                                          int64_t C, acc_t* pw, acc_t* pb, bool stream) {
     // By value: the stores below may alias any memory, so fields read through `tokens` would be reloaded.
     const scalar_t* xs[G];
     const scalar_t* dys[G];
@@ -320,7 +327,7 @@ struct Row {
       mgx[k] = fVec(tokens[k].mean_gx);
     }
     const bool want_dx = dxs[0] != nullptr;
-    for_blocks(C, [&](int64_t i, auto n, auto) {
+    for_blocks(C, [&](int64_t i, auto n, auto) VLFUSE_ROW_INLINE_LAMBDA {
       fVec wv[kParts], sw[kParts], sb[kParts];
       load_table(weight + i, n, wv);
       for (int j = 0; j < kParts; ++j) {
@@ -390,44 +397,55 @@ void forward_impl(const Params& p) {
   const bool stream =
       cpu::prefer_streaming_stores(2 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)), threads);
 
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const scalar_t*> window(mm);
-    for (int64_t r = begin; r < end; ++r) {
-      const merge::RowWindow<int64_t> win = window_of(p, r);
-      for (int64_t k = 0; k < mm; ++k) {
-        window[k] = x + win.token(k) * p.x_stride;
-      }
-      const merge::RowWindow<int64_t> next_win = window_of(p, std::min(r + 1, rows - 1));
-      scalar_t* y = out + r * mm * C;
-      acc_t mean, rstd;
-      if (p.postshuffle) {
-        R::stats(window.data(), mm, C, p.norm, p.eps, mean, rstd);
+  // One walk per norm kind (kPostshuffle): each parallel body holds one row loop, small enough for the
+  // compiler to keep inlining the row passes into it (with both, they went out of line and the per-token
+  // walk ran half again as long).
+  const auto walk = [&](auto postshuffle) {
+    constexpr bool kPostshuffle = decltype(postshuffle)::value;
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      std::vector<const scalar_t*> window(mm);
+      for (int64_t r = begin; r < end; ++r) {
+        const merge::RowWindow<int64_t> win = window_of(p, r);
         for (int64_t k = 0; k < mm; ++k) {
-          // Slot k's pass prefetches the next row's slot k: the tokens that row's statistics pass reads.
-          R::normalize_token(window[k], y + k * C, weight + k * C, bias != nullptr ? bias + k * C : nullptr, C,
-                             mean, rstd, x + next_win.token(k) * p.x_stride, stream);
+          window[k] = x + win.token(k) * p.x_stride;
         }
-        if (mean_out != nullptr) {
-          mean_out[r] = mean;
+        const merge::RowWindow<int64_t> next_win = window_of(p, std::min(r + 1, rows - 1));
+        scalar_t* y = out + r * mm * C;
+        acc_t mean, rstd;
+        if constexpr (kPostshuffle) {
+          R::stats(window.data(), mm, C, p.norm, p.eps, mean, rstd);
+          for (int64_t k = 0; k < mm; ++k) {
+            // Slot k's pass prefetches the next row's slot k: the tokens that row's statistics pass reads.
+            R::normalize_token(window[k], y + k * C, weight + k * C, bias != nullptr ? bias + k * C : nullptr, C,
+                               mean, rstd, x + next_win.token(k) * p.x_stride, stream);
+          }
+          if (mean_out != nullptr) {
+            mean_out[r] = mean;
+          }
+          rstd_out[r] = rstd;
+        } else {
+          for (int64_t k = 0; k < mm; ++k) {
+            R::stats(&window[k], 1, C, p.norm, p.eps, mean, rstd);
+            const scalar_t* next_x = k + 1 < mm ? window[k + 1] : x + next_win.token(0) * p.x_stride;
+            R::normalize_token(window[k], y + k * C, weight, bias, C, mean, rstd, next_x, stream);
+            const int64_t tok = win.token(k);
+            if (mean_out != nullptr) {
+              mean_out[tok] = mean;
+            }
+            rstd_out[tok] = rstd;
+          }
         }
-        rstd_out[r] = rstd;
-        continue;
       }
-      for (int64_t k = 0; k < mm; ++k) {
-        R::stats(&window[k], 1, C, p.norm, p.eps, mean, rstd);
-        const scalar_t* next_x = k + 1 < mm ? window[k + 1] : x + next_win.token(0) * p.x_stride;
-        R::normalize_token(window[k], y + k * C, weight, bias, C, mean, rstd, next_x, stream);
-        const int64_t tok = win.token(k);
-        if (mean_out != nullptr) {
-          mean_out[tok] = mean;
-        }
-        rstd_out[tok] = rstd;
+      if (stream) {
+        cpu::stream_fence();
       }
-    }
-    if (stream) {
-      cpu::stream_fence();
-    }
-  });
+    });
+  };
+  if (p.postshuffle) {
+    walk(std::true_type{});
+  } else {
+    walk(std::false_type{});
+  }
 }
 
 // Tokens per second backward pass (Row::grad_pass): 4 tokens' x and dy (20 KB in bf16, 40 KB in fp32 at
@@ -473,86 +491,98 @@ void backward_impl(const Params& p) {
   };
   const auto grad_token_at = [&](int64_t q) { return grad_token(window_of(p, q / mm), q % mm); };
 
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      acc_t* pw = partial ? partial.get() + chunk * 2 * P : nullptr;
-      acc_t* pb = pw == nullptr ? nullptr : pw + P;
-      if (pw != nullptr) {
-        std::fill(pw, pw + 2 * P, acc_t(0));
-      }
-      const int64_t r_end = std::min(rows, (chunk + 1) * rows_per_chunk);
-      if (p.postshuffle) {
-        // G rows at a time: their row sums over all m^2 tokens, then one grad_pass per window slot.
-        int64_t r = chunk * rows_per_chunk;
-        const auto run_rows = [&](auto group_size) {
-          constexpr int G = decltype(group_size)::value;
-          merge::RowWindow<int64_t> win[G], next_win[G];
-          GradToken row_stats[G];
-          for (int g = 0; g < G; ++g) {
-            win[g] = window_of(p, r + g);
-            next_win[g] = window_of(p, std::min(r + G + g, rows - 1));
-            row_stats[g] = grad_token(win[g], 0);
-            if (grad_x != nullptr) {
-              acc_t sum_g = 0, sum_gxc = 0;
-              for (int64_t k = 0; k < mm; ++k) {
-                acc_t sg, sgx;
-                R::grad_sums(grad_token(win[g], k), weight + k * C, C, sg, sgx);
-                sum_g += sg;
-                sum_gxc += sgx;
+  // One walk per norm kind (kPostshuffle): each parallel body holds one row loop, small enough for the
+  // compiler to keep inlining the row passes into it (with both, they went out of line and the per-token
+  // walk ran half again as long).
+  const auto walk = [&](auto postshuffle) {
+    constexpr bool kPostshuffle = decltype(postshuffle)::value;
+    at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+      for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+        acc_t* pw = partial ? partial.get() + chunk * 2 * P : nullptr;
+        acc_t* pb = pw == nullptr ? nullptr : pw + P;
+        if (pw != nullptr) {
+          std::fill(pw, pw + 2 * P, acc_t(0));
+        }
+        const int64_t r_end = std::min(rows, (chunk + 1) * rows_per_chunk);
+        if constexpr (kPostshuffle) {
+          // G rows at a time: their row sums over all m^2 tokens, then one grad_pass per window slot.
+          int64_t r = chunk * rows_per_chunk;
+          const auto run_rows = [&](auto group_size) {
+            constexpr int G = decltype(group_size)::value;
+            merge::RowWindow<int64_t> win[G], next_win[G];
+            GradToken row_stats[G];
+            for (int g = 0; g < G; ++g) {
+              win[g] = window_of(p, r + g);
+              next_win[g] = window_of(p, std::min(r + G + g, rows - 1));
+              row_stats[g] = grad_token(win[g], 0);
+              if (grad_x != nullptr) {
+                acc_t sum_g = 0, sum_gxc = 0;
+                for (int64_t k = 0; k < mm; ++k) {
+                  acc_t sg, sgx;
+                  R::grad_sums(grad_token(win[g], k), weight + k * C, C, sg, sgx);
+                  sum_g += sg;
+                  sum_gxc += sgx;
+                }
+                R::set_grad_means(row_stats[g], sum_g, sum_gxc, P, p.norm);
               }
-              R::set_grad_means(row_stats[g], sum_g, sum_gxc, P, p.norm);
             }
+            for (int64_t k = 0; k < mm; ++k) {
+              GradToken group[G], next[G];
+              for (int g = 0; g < G; ++g) {
+                group[g] = grad_token(win[g], k);
+                group[g].mean_g = row_stats[g].mean_g;
+                group[g].mean_gx = row_stats[g].mean_gx;
+                next[g] = grad_token(next_win[g], k);
+              }
+              R::template grad_pass<G>(group, next, weight + k * C, C, want_w ? pw + k * C : nullptr,
+                                       want_b ? pb + k * C : nullptr, stream);
+            }
+            r += G;
+          };
+          while (r + kGradGroup <= r_end) {
+            run_rows(std::integral_constant<int, kGradGroup>{});
           }
-          for (int64_t k = 0; k < mm; ++k) {
+          while (r < r_end) {
+            run_rows(std::integral_constant<int, 1>{});
+          }
+        } else {
+          // The chunk's walk positions q = r * m^2 + k, in groups of kGradGroup (then single tokens) per
+          // second pass.
+          const int64_t q_end = r_end * mm;
+          int64_t q = chunk * rows_per_chunk * mm;
+          const auto run_group = [&](auto group_size) {
+            constexpr int G = decltype(group_size)::value;
             GradToken group[G], next[G];
             for (int g = 0; g < G; ++g) {
-              group[g] = grad_token(win[g], k);
-              group[g].mean_g = row_stats[g].mean_g;
-              group[g].mean_gx = row_stats[g].mean_gx;
-              next[g] = grad_token(next_win[g], k);
+              group[g] = grad_token_at(q + g);
+              next[g] = grad_token_at(std::min(q + G + g, p.tokens - 1));
+              if (grad_x != nullptr) {
+                acc_t sum_g, sum_gxc;
+                R::grad_sums(group[g], weight, C, sum_g, sum_gxc);
+                R::set_grad_means(group[g], sum_g, sum_gxc, C, p.norm);
+              }
             }
-            R::template grad_pass<G>(group, next, weight + k * C, C, want_w ? pw + k * C : nullptr,
-                                     want_b ? pb + k * C : nullptr, stream);
+            R::template grad_pass<G>(group, next, weight, C, want_w ? pw : nullptr, want_b ? pb : nullptr, stream);
+            q += G;
+          };
+          while (q + kGradGroup <= q_end) {
+            run_group(std::integral_constant<int, kGradGroup>{});
           }
-          r += G;
-        };
-        while (r + kGradGroup <= r_end) {
-          run_rows(std::integral_constant<int, kGradGroup>{});
-        }
-        while (r < r_end) {
-          run_rows(std::integral_constant<int, 1>{});
-        }
-        continue;
-      }
-      // The chunk's walk positions q = r * m^2 + k, in groups of kGradGroup (then single tokens) per second pass.
-      const int64_t q_end = r_end * mm;
-      int64_t q = chunk * rows_per_chunk * mm;
-      const auto run_group = [&](auto group_size) {
-        constexpr int G = decltype(group_size)::value;
-        GradToken group[G], next[G];
-        for (int g = 0; g < G; ++g) {
-          group[g] = grad_token_at(q + g);
-          next[g] = grad_token_at(std::min(q + G + g, p.tokens - 1));
-          if (grad_x != nullptr) {
-            acc_t sum_g, sum_gxc;
-            R::grad_sums(group[g], weight, C, sum_g, sum_gxc);
-            R::set_grad_means(group[g], sum_g, sum_gxc, C, p.norm);
+          while (q < q_end) {
+            run_group(std::integral_constant<int, 1>{});
           }
         }
-        R::template grad_pass<G>(group, next, weight, C, want_w ? pw : nullptr, want_b ? pb : nullptr, stream);
-        q += G;
-      };
-      while (q + kGradGroup <= q_end) {
-        run_group(std::integral_constant<int, kGradGroup>{});
       }
-      while (q < q_end) {
-        run_group(std::integral_constant<int, 1>{});
+      if (stream) {
+        cpu::stream_fence();
       }
-    }
-    if (stream) {
-      cpu::stream_fence();
-    }
-  });
+    });
+  };
+  if (p.postshuffle) {
+    walk(std::true_type{});
+  } else {
+    walk(std::false_type{});
+  }
 
   if (!partial) {
     return;
