@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common/dispatch.h"
+#include "common/grid.h"
 #include "common/cpu_memory.h"
 #include "merge/merge.h"
 
@@ -75,12 +76,7 @@ std::pair<Tensor, Tensor> set_grid(Params& p, const char* op, const std::optiona
     return {};
   }
   const Tensor& grid_thw = *grid_opt;
-  VLFUSE_CHECK(grid_thw.device() == x.device() || grid_thw.is_cpu(), op, "grid_thw is on ", grid_thw.device(),
-               " but x is on ", x.device(), "; grid_thw must be on x's device or on the CPU");
-  VLFUSE_CHECK_TYPE(grid_thw.scalar_type() == at::kLong || grid_thw.scalar_type() == at::kInt, op,
-                    "grid_thw must be int64 or int32, got ", grid_thw.scalar_type());
-  VLFUSE_CHECK_VALUE(grid_thw.dim() == 2 && grid_thw.size(1) == 3, op,
-                     "grid_thw must be [items, 3] (t, h, w per image or video), got shape ", grid_thw.sizes());
+  check_grid(op, grid_thw, x, "x");
   const int64_t m = p.merge_size;
   const int64_t items = grid_thw.size(0);
   p.items = items;
@@ -88,18 +84,8 @@ std::pair<Tensor, Tensor> set_grid(Params& p, const char* op, const std::optiona
   Tensor grid = grid64;
   Tensor offsets;
   if (grid64.is_cpu()) {
-    const auto acc = grid64.accessor<int64_t, 2>();
-    offsets = at::empty({items + 1}, grid64.options());
-    int64_t* off = offsets.data_ptr<int64_t>();
-    off[0] = 0;
-    for (int64_t i = 0; i < items; ++i) {
-      const int64_t t = acc[i][0], h = acc[i][1], w = acc[i][2];
-      VLFUSE_CHECK_VALUE(t >= 0 && h >= 0 && w >= 0, op, "grid_thw row ", i, " = (", t, ", ", h, ", ", w,
-                         ") has a negative size");
-      VLFUSE_CHECK_VALUE(h % m == 0 && w % m == 0, op, "grid_thw row ", i, " = (", t, ", ", h, ", ", w,
-                         ") has h or w not a multiple of merge_size = ", m);
-      off[i + 1] = off[i] + t * (h / m) * (w / m);
-    }
+    offsets = host_grid_offsets(op, grid64, m, m);
+    const int64_t* off = offsets.data_ptr<int64_t>();
     VLFUSE_CHECK_VALUE(off[items] * m * m == x.size(0), op, "grid_thw describes ", off[items] * m * m,
                        " tokens (sum of t * h * w) but x has ", x.size(0), " tokens");
     if (!x.is_cpu()) {

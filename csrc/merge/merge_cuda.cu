@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/cuda_grid.cuh"
 #include "common/cuda_vec.cuh"
 #include "merge/merge.h"
 
@@ -211,36 +212,13 @@ void with_postshuffle(const Params& p, F&& f) {
   }
 }
 
-// One warp: lane i reads item i of each run of kWarp items, so a run's loads overlap rather than queue one behind
-// the other, and a warp scan adds up the rows. Checks what the host checks for a host grid.
+// The merge units before each item of a device grid (common/cuda_grid.cuh), checked there.
 __global__ void grid_offsets_kernel(const Params p, int64_t* __restrict__ offsets) {
-  const int lane = static_cast<int>(threadIdx.x);
   const int64_t m = p.merge_size;
-  int64_t carried = 0;
-  if (lane == 0) {
-    offsets[0] = 0;
-  }
-  for (int64_t first = 0; first < p.items; first += kWarp) {
-    const int64_t i = first + lane;
-    int64_t rows = 0;
-    if (i < p.items) {
-      const int64_t* g = p.grid + i * p.grid_stride0;
-      const int64_t t = g[0], h = g[p.grid_stride1], w = g[2 * p.grid_stride1];
-      CUDA_KERNEL_ASSERT_MSG(t >= 0 && h >= 0 && w >= 0 && h % m == 0 && w % m == 0,
-                             "vlfuse.merge2x2: grid_thw has a negative size, or h or w not a multiple of merge_size");
-      rows = (t > 0 && h > 0 && w > 0) ? t * (h / m) * (w / m) : 0;
-    }
-    for (int d = 1; d < kWarp; d *= 2) {
-      const int64_t below = __shfl_up_sync(0xffffffffu, rows, d);
-      rows += lane >= d ? below : 0;
-    }
-    if (i < p.items) {
-      offsets[i + 1] = carried + rows;
-    }
-    carried += __shfl_sync(0xffffffffu, rows, kWarp - 1);
-  }
-  CUDA_KERNEL_ASSERT_MSG(carried * m * m == p.tokens,
-                         "vlfuse.merge2x2: grid_thw describes a different number of tokens than x has");
+  cuda::warp_grid_offsets(
+      p.grid, p.grid_stride0, p.grid_stride1, p.items, m, p.tokens, m * m,
+      [m](int64_t t, int64_t h, int64_t w) { return t > 0 && h > 0 && w > 0 ? t * (h / m) * (w / m) : int64_t{0}; },
+      offsets);
 }
 
 template <typename scalar_t, int VEC, int kLoads, bool kPostshuffle>

@@ -8,6 +8,7 @@
 
 #include "common/cpu_memory.h"
 #include "common/dispatch.h"
+#include "common/grid.h"
 #include "pos_embed/pos_embed.h"
 
 VLFUSE_DECLARE_CPU_KERNEL(pos_embed_forward_cpu_kernel, const ::vlfuse::pos_embed::Params&)
@@ -51,13 +52,7 @@ int64_t table_side(const char* op, const Tensor& table) {
 // launch.
 std::pair<Tensor, Tensor> set_grid(Params& p, const char* op, const Tensor& grid_thw, const Tensor& like,
                                    const char* like_name, std::optional<int64_t> tokens, const char* tokens_name) {
-  VLFUSE_CHECK(grid_thw.device() == like.device() || grid_thw.is_cpu(), op, "grid_thw is on ", grid_thw.device(),
-               " but ", like_name, " is on ", like.device(), "; grid_thw must be on ", like_name,
-               "'s device or on the CPU");
-  VLFUSE_CHECK_TYPE(grid_thw.scalar_type() == at::kLong || grid_thw.scalar_type() == at::kInt, op,
-                    "grid_thw must be int64 or int32, got ", grid_thw.scalar_type());
-  VLFUSE_CHECK_VALUE(grid_thw.dim() == 2 && grid_thw.size(1) == 3, op,
-                     "grid_thw must be [items, 3] (t, h, w per image or video), got shape ", grid_thw.sizes());
+  check_grid(op, grid_thw, like, like_name);
   VLFUSE_CHECK_VALUE(!tokens.has_value() || *tokens >= 0, op, "tokens must be >= 0, got ", tokens.value_or(0));
   const int64_t m = p.merge_size;
   const int64_t items = grid_thw.size(0);
@@ -66,18 +61,8 @@ std::pair<Tensor, Tensor> set_grid(Params& p, const char* op, const Tensor& grid
   Tensor grid = grid64;
   Tensor offsets;
   if (grid64.is_cpu()) {
-    const auto acc = grid64.accessor<int64_t, 2>();
-    offsets = at::empty({items + 1}, grid64.options());
-    int64_t* off = offsets.data_ptr<int64_t>();
-    off[0] = 0;
-    for (int64_t i = 0; i < items; ++i) {
-      const int64_t t = acc[i][0], h = acc[i][1], w = acc[i][2];
-      VLFUSE_CHECK_VALUE(t >= 0 && h >= 0 && w >= 0, op, "grid_thw row ", i, " = (", t, ", ", h, ", ", w,
-                         ") has a negative size");
-      VLFUSE_CHECK_VALUE(h % m == 0 && w % m == 0, op, "grid_thw row ", i, " = (", t, ", ", h, ", ", w,
-                         ") has h or w not a multiple of merge_size = ", m);
-      off[i + 1] = off[i] + t * h * w;
-    }
+    offsets = host_grid_offsets(op, grid64, m, 1);
+    const int64_t* off = offsets.data_ptr<int64_t>();
     VLFUSE_CHECK_VALUE(!tokens.has_value() || *tokens == off[items], op, tokens_name, " = ", tokens.value_or(0),
                        " but grid_thw describes ", off[items], " tokens (sum of t * h * w)");
     p.tokens = off[items];

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "common/cuda_grid.cuh"
 #include "common/cuda_vec.cuh"
 #include "pos_embed/pos_embed.h"
 
@@ -48,37 +49,12 @@ __device__ inline bool valid_item(int64_t t, int64_t h, int64_t w, int64_t m) {
   return static_cast<int32_t>(h) % m32 == 0 && static_cast<int32_t>(w) % m32 == 0;
 }
 
-// One warp: lane i reads item i of each run of kWarp items and a warp scan adds up the tokens.
+// The tokens before each item of a device grid (common/cuda_grid.cuh), checked there.
 __global__ void grid_offsets_kernel(const Params p, int64_t* __restrict__ offsets) {
-  const int lane = static_cast<int>(threadIdx.x);
   const int64_t m = p.merge_size;
-  int64_t carried = 0;
-  if (lane == 0) {
-    offsets[0] = 0;
-  }
-  for (int64_t first = 0; first < p.items; first += kWarp) {
-    const int64_t i = first + lane;
-    int64_t count = 0;
-    if (i < p.items) {
-      const int64_t* g = p.grid + i * p.grid_stride0;
-      const int64_t t = g[0], h = g[p.grid_stride1], w = g[2 * p.grid_stride1];
-      CUDA_KERNEL_ASSERT_MSG(t >= 0 && h >= 0 && w >= 0 && h % m == 0 && w % m == 0,
-                             "vlfuse.interp_pos_embed: grid_thw has a negative size, or h or w not a multiple of "
-                             "merge_size");
-      count = valid_item(t, h, w, m) ? t * h * w : 0;
-    }
-    for (int d = 1; d < kWarp; d *= 2) {
-      const int64_t below = __shfl_up_sync(0xffffffffu, count, d);
-      count += lane >= d ? below : 0;
-    }
-    if (i < p.items) {
-      offsets[i + 1] = carried + count;
-    }
-    carried += __shfl_sync(0xffffffffu, count, kWarp - 1);
-  }
-  CUDA_KERNEL_ASSERT_MSG(carried == p.tokens,
-                         "vlfuse.interp_pos_embed: grid_thw's sum of t * h * w differs from the token count (tokens, "
-                         "or grad_out's rows)");
+  cuda::warp_grid_offsets(
+      p.grid, p.grid_stride0, p.grid_stride1, p.items, m, p.tokens, 1,
+      [m](int64_t t, int64_t h, int64_t w) { return valid_item(t, h, w, m) ? t * h * w : int64_t{0}; }, offsets);
 }
 
 // The item holding token tok: the last i with offsets[i] <= tok. 32-bit: the launches check that tokens fit,
