@@ -14,32 +14,36 @@ from .workloads import LLM_WIDTH, VISION, WORKLOADS, grid_tensor, hf_qwen2_vl, t
 MERGE_TARGET = Target(speedup_eager=2.0, speedup_compile=1.2, pct_of_limit=60.0)  # issue 4
 
 
-def _hidden(case: Case, device: torch.device) -> torch.Tensor:
-    return torch.randn(tokens(case.param("grid")), VISION.embed_dim, device=device, dtype=case.dtype)
+def _hidden(case: Case, device: torch.device, channels: int = VISION.embed_dim) -> torch.Tensor:
+    return torch.randn(tokens(case.param("grid")), channels, device=device, dtype=case.dtype)
 
 
 def build_merge2x2(case: Case, device: torch.device) -> Setup:
+    """Params: grid; channels (default Qwen2-VL's 1280); postshuffle (Qwen3-VL's deepstack mergers: the norm over
+    each merged row of 4C, HF's LayerNorm(x.view(-1, 4C)), instead of over each token)."""
     merge2x2 = vlfuse_op("merge2x2")
-    width = VISION.embed_dim * VISION.spatial_merge_size**2
-    x = _hidden(case, device)
+    channels = case.param("channels", VISION.embed_dim)
+    postshuffle = case.param("postshuffle", False)
+    width = channels * VISION.spatial_merge_size**2
+    x = _hidden(case, device, channels)
     grid = grid_tensor(case.param("grid"), device)
-    ln_q = torch.nn.LayerNorm(VISION.embed_dim, eps=1e-6).to(device=device, dtype=case.dtype)
+    norm = torch.nn.LayerNorm(width if postshuffle else channels, eps=1e-6).to(device=device, dtype=case.dtype)
     with torch.no_grad():  # not the identity affine, so a kernel that skips it is caught
-        ln_q.weight.uniform_(0.5, 1.5)
-        ln_q.bias.uniform_(-0.5, 0.5)
-    weight = ln_q.weight.detach().clone().requires_grad_(True)
-    bias = ln_q.bias.detach().clone().requires_grad_(True)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    weight = norm.weight.detach().clone().requires_grad_(True)
+    bias = norm.bias.detach().clone().requires_grad_(True)
 
     def vlfuse_merge(x):
-        return merge2x2(x, grid, weight, bias, eps=1e-6)
+        return merge2x2(x, grid, weight, bias, eps=1e-6, postshuffle_norm=postshuffle)
 
     def hf_merge(x):
-        return ln_q(x).view(-1, width)
+        return norm(x.view(-1, width)) if postshuffle else norm(x).view(-1, width)
 
-    ln_q64 = copy.deepcopy(ln_q).double()
+    norm64 = copy.deepcopy(norm).double()
 
     def hf_merge_float64(x):
-        return ln_q64(x).view(-1, width)
+        return norm64(x.view(-1, width)) if postshuffle else norm64(x).view(-1, width)
 
     # must move: read x, write the merged rows (as many bytes); backward reads dy and x, writes dx
     moved = 2 * x.numel() * x.element_size()
@@ -49,13 +53,15 @@ def build_merge2x2(case: Case, device: torch.device) -> Setup:
         args=(x,),
         vlfuse=vlfuse_merge,
         eager=hf_merge,
-        shape=f"[{x.shape[0]}, {VISION.embed_dim}] -> [{x.shape[0] // 4}, {width}]",
-        baseline="HF PatchMerger's ln_q(x).view(-1, 4C) (LayerNorm + window concat)",
+        shape=f"[{x.shape[0]}, {channels}] -> [{x.shape[0] // 4}, {width}]",
+        baseline="HF Qwen3-VL deepstack merger's LayerNorm(x.view(-1, 4C)) (use_postshuffle_norm=True)"
+        if postshuffle
+        else "HF PatchMerger's ln_q(x).view(-1, 4C) (LayerNorm + window concat)",
         grad_args=(0,),
         vlfuse_params=(weight, bias),
-        eager_params=(ln_q.weight, ln_q.bias),
+        eager_params=(norm.weight, norm.bias),
         reference=hf_merge_float64,
-        reference_params=(ln_q64.weight, ln_q64.bias),
+        reference_params=(norm64.weight, norm64.bias),
         limit=copy_reference(moved, device),
         limit_kind=BANDWIDTH,
         work=moved,

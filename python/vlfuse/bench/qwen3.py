@@ -18,8 +18,9 @@ import copy
 
 import torch
 
-from .core import BANDWIDTH, FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
-from .machine import copy_reference
+from .core import FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
+from .merge import build_merge2x2
+from .rope import build_rope_qkv
 from .workloads import grid_tensor, tokens, vlfuse_op
 
 PATCH, MERGE, SIDE = 16, 2, 48
@@ -124,87 +125,6 @@ def build_patch_embed_pos(case: Case, device: torch.device) -> Setup:
     )
 
 
-def build_rope_qkv_72(case: Case, device: torch.device) -> Setup:
-    hf = hf_qwen3_vl()
-    rope_qkv = vlfuse_op("rope_qkv")
-    from transformers.vision_utils import get_vision_position_ids
-
-    import vlfuse.ops
-
-    grid = grid_tensor(case.param("grid"), device)
-    count = tokens(case.param("grid"))
-    qkv = torch.randn(count, 3 * HEADS * HEAD_DIM, device=device, dtype=case.dtype)
-    positions = vlfuse.ops.vision_positions(grid, MERGE)
-    freqs = vlfuse.ops.vision_rope_freqs(HEAD_DIM, device=device)
-    rotary = hf.Qwen3VLVisionRotaryEmbedding(hf_qwen3_config(depth=1)).to(device)
-    position_ids = get_vision_position_ids(grid, MERGE)
-
-    def vlfuse_rope(qkv):
-        return rope_qkv(qkv, positions, freqs, HEADS, "hsd")
-
-    def hf_rope(qkv):
-        cos, sin = rotary(qkv, position_ids)
-        q, k, v = qkv.reshape(count, 3, HEADS, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
-        return q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
-
-    moved = 2 * qkv.numel() * qkv.element_size() + positions.numel() * positions.element_size()
-    if case.mode == FWD_BWD:
-        moved *= 2
-    return Setup(
-        args=(qkv,),
-        vlfuse=vlfuse_rope,
-        eager=hf_rope,
-        shape=f"[{count}, 3*{HEADS}*{HEAD_DIM}]",
-        baseline="HF Qwen3-VL axial rotary cos/sin + qkv split + apply_rotary_pos_emb_vision + transposes",
-        grad_args=(0,),
-        limit=copy_reference(moved, device),
-        limit_kind=BANDWIDTH,
-        work=moved,
-    )
-
-
-def build_postshuffle_merge(case: Case, device: torch.device) -> Setup:
-    merge2x2 = vlfuse_op("merge2x2")
-    width = WIDTH * MERGE * MERGE
-    count = tokens(case.param("grid"))
-    grid = grid_tensor(case.param("grid"), device)
-    x = torch.randn(count, WIDTH, device=device, dtype=case.dtype)
-    norm = torch.nn.LayerNorm(width, eps=1e-6).to(device=device, dtype=case.dtype)
-    with torch.no_grad():  # not the identity affine, so a kernel that skips it is caught
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
-    weight = norm.weight.detach().clone().requires_grad_(True)
-    bias = norm.bias.detach().clone().requires_grad_(True)
-
-    def vlfuse_merge(x):
-        return merge2x2(x, grid, weight, bias, eps=1e-6, postshuffle_norm=True)
-
-    def hf_merge(x):
-        return norm(x.view(-1, width))
-
-    norm64 = copy.deepcopy(norm).double()
-
-    moved = 2 * x.numel() * x.element_size()
-    if case.mode == FWD_BWD:
-        moved = 5 * x.numel() * x.element_size()
-    return Setup(
-        args=(x,),
-        vlfuse=vlfuse_merge,
-        eager=hf_merge,
-        shape=f"[{count}, {WIDTH}] -> [{count // 4}, {width}]",
-        baseline="HF Qwen3-VL deepstack merger's LayerNorm(x.view(-1, 4C)) (use_postshuffle_norm=True)",
-        grad_args=(0,),
-        vlfuse_params=(weight, bias),
-        eager_params=(norm.weight, norm.bias),
-        reference=lambda x: norm64(x.view(-1, width)),
-        reference_params=(norm64.weight, norm64.bias),
-        limit=copy_reference(moved, device),
-        limit_kind=BANDWIDTH,
-        work=moved,
-    )
-
-
 def _tower_gemms(count: int, depth: int) -> list[tuple[int, int, int]]:
     """(M, K, N) of every GEMM of one Qwen3-VL tower forward: embedding, blocks, main and deepstack mergers."""
     config = hf_qwen3_config(depth)
@@ -283,10 +203,12 @@ def cases() -> list[Case]:
             quick = name == "1 image 448x448" and dtype == torch.float32
             out.append(Case("qwen3 patch embed + pos", name, dtype, FWD, build_patch_embed_pos, grid,
                             PATCH_TARGET[dtype], quick))  # fmt: skip
+            rope_params = grid + (("model", "qwen3_vl"), ("heads", HEADS), ("head_dim", HEAD_DIM))
+            merge_params = grid + (("channels", WIDTH), ("postshuffle", True))
             for mode in (FWD, FWD_BWD):
-                out.append(Case("qwen3 rope_qkv D=72", name, dtype, mode, build_rope_qkv_72, grid, ROPE_TARGET,
+                out.append(Case("qwen3 rope_qkv D=72", name, dtype, mode, build_rope_qkv, rope_params, ROPE_TARGET,
                                 quick and mode == FWD))  # fmt: skip
-                out.append(Case("qwen3 postshuffle merge", name, dtype, mode, build_postshuffle_merge, grid,
+                out.append(Case("qwen3 postshuffle merge", name, dtype, mode, build_merge2x2, merge_params,
                                 MERGE_TARGET.get(dtype), quick and mode == FWD))  # fmt: skip
         for name in ("1 image 448x448", "4 images, mixed sizes"):
             params = (("grid", GRIDS[name]), ("depth", TOWER_DEPTH))

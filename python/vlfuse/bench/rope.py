@@ -16,20 +16,32 @@ from .workloads import VISION, WORKLOADS, grid_tensor, hf_qwen2_vl, hf_vision_co
 TARGET = Target(speedup_eager=4.0, speedup_compile=1.5, pct_of_limit=60.0)
 
 
-def build_rope_qkv(case: Case, device: torch.device) -> Setup:
+def _hf_rotary(model: str, device: torch.device):
+    """HF's vision rotary module and its modeling module, for model "qwen2_vl" or "qwen3_vl"."""
+    if model == "qwen3_vl":
+        from .qwen3 import hf_qwen3_config, hf_qwen3_vl
+
+        hf = hf_qwen3_vl()
+        return hf, hf.Qwen3VLVisionRotaryEmbedding(hf_qwen3_config(depth=1)).to(device)
     hf = hf_qwen2_vl()
+    return hf, hf.Qwen2VLVisionRotaryEmbedding(hf_vision_config()).to(device)
+
+
+def build_rope_qkv(case: Case, device: torch.device) -> Setup:
+    """Params: grid; model "qwen2_vl" (default: 16 heads of 80) or "qwen3_vl" (with heads and head_dim)."""
+    model = case.param("model", "qwen2_vl")
+    hf, rotary = _hf_rotary(model, device)
     rope_qkv = vlfuse_op("rope_qkv")
     from transformers.vision_utils import get_vision_position_ids
 
     import vlfuse.ops
 
     grid = grid_tensor(case.param("grid"), device)
-    heads, head_dim = VISION.num_heads, VISION.head_dim
+    heads, head_dim = case.param("heads", VISION.num_heads), case.param("head_dim", VISION.head_dim)
     count = tokens(case.param("grid"))
     qkv = torch.randn(count, 3 * heads * head_dim, device=device, dtype=case.dtype)
     positions = vlfuse.ops.vision_positions(grid, VISION.spatial_merge_size)
     freqs = vlfuse.ops.vision_rope_freqs(head_dim, device=device)
-    rotary = hf.Qwen2VLVisionRotaryEmbedding(hf_vision_config()).to(device)
     position_ids = get_vision_position_ids(grid, VISION.spatial_merge_size)
 
     def vlfuse_rope(qkv):
@@ -51,7 +63,7 @@ def build_rope_qkv(case: Case, device: torch.device) -> Setup:
         vlfuse=vlfuse_rope,
         eager=hf_rope,
         shape=f"[{count}, 3*{heads}*{head_dim}]",
-        baseline="HF rotary cos/sin + qkv split + apply_rotary_pos_emb_vision + transposes",
+        baseline=f"HF {model} rotary cos/sin + qkv split + apply_rotary_pos_emb_vision + transposes",
         grad_args=(0,),
         limit=copy_reference(moved, device),
         limit_kind=BANDWIDTH,
