@@ -20,8 +20,8 @@ TORCH_LIBRARY(vlfuse, m) {
   // frames: one [T, C, H, W] tensor (uint8 or float) per item; returns patches [N, C*Tp*P*P] in out_dtype, in
   // merge order, normalized; odd T repeats the last frame.
   m.def("patchify(Tensor[] frames, int patch_size, int temporal_patch_size, int merge_size, float[] mean, float[] std, ScalarType out_dtype) -> Tensor");
-  // patches [N, C*Tp*P*P] @ weight[E, C, Tp, P, P]^T (+ bias) -> [N, E] in weight's dtype. Its backward is two
-  // ATen GEMMs, registered with its autograd in python/vlfuse/ops/patchify.py.
+  // patches [N, C*Tp*P*P] @ weight[E, C, Tp, P, P]^T (+ bias [E] or [N, E]) -> [N, E] in weight's dtype. Its
+  // backward is two ATen GEMMs, registered with its autograd in python/vlfuse/ops/patchify.py.
   m.def("patch_embed(Tensor patches, Tensor weight, Tensor? bias) -> Tensor");
 
   // ---- 2x2 token merge (csrc/merge) ---------------------------------------------------------------------

@@ -108,6 +108,21 @@ def test_patch_embed_zero_tokens():
     assert patches.grad.shape == (0, K) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_patch_embed_row_addend_matches_reference_and_qwen3_embedding(dtype):
+    """bias as one row per patch [N, E] (Qwen3-VL's conv bias plus its resampled position table, the GEMM's added
+    term): equal to HF's Conv3d followed by adding the rows."""
+    n, e = 24, 16
+    patches = torch.randn(n, K)
+    weight = random_weight(e, dtype)
+    rows = torch.randn(n, e).to(dtype)
+    out = patch_embed(patches, weight, rows)
+    assert_gemm_close(out, ref.patch_embed(patches, weight, rows))
+    with torch.no_grad():
+        expected = hf_patch_embed(weight)(patches) + rows  # HF adds the table rows after its Conv3d
+    assert_gemm_close(out, expected)
+
+
 def test_patch_embed_gradcheck():
     c, tp, p, e, n = 3, 2, 2, 5, 7
     patches = torch.randn(n, c * tp * p * p, dtype=torch.float64, requires_grad=True)
@@ -116,6 +131,8 @@ def test_patch_embed_gradcheck():
     assert torch.autograd.gradcheck(patch_embed, (patches, weight, bias))
     assert torch.autograd.gradcheck(patch_embed, (patches, weight, None))
     assert torch.autograd.gradgradcheck(patch_embed, (patches, weight, bias))
+    rows = torch.randn(n, e, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(patch_embed, (patches, weight, rows))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -359,7 +376,12 @@ def test_bad_frame_size_names_nearest_valid_size():
         (
             lambda: patch_embed(torch.zeros(4, K), random_weight(8, torch.float32), torch.zeros(7)),
             ValueError,
-            r"bias must be \[E\] = \[8\]",
+            r"bias must be \[E\] = \[8\] or one row per patch \[N, E\] = \[4, 8\], got shape \[7\]",
+        ),
+        (
+            lambda: patch_embed(torch.zeros(4, K), random_weight(8, torch.float32), torch.zeros(5, 8)),
+            ValueError,
+            r"one row per patch \[N, E\] = \[4, 8\], got shape \[5, 8\]",
         ),
         (
             lambda: patch_embed(torch.zeros(4, K), random_weight(8, torch.float32), torch.zeros(8, dtype=torch.float16)),
@@ -400,6 +422,8 @@ def _opcheck_samples(device="cpu"):
         bias = torch.randn(6, dtype=dtype, device=device, requires_grad=True)
         yield torch.ops.vlfuse.patch_embed.default, (patches, weight, bias)
         yield torch.ops.vlfuse.patch_embed.default, (patches, weight, None)
+        rows = torch.randn(9, 6, dtype=dtype, device=device, requires_grad=True)
+        yield torch.ops.vlfuse.patch_embed.default, (patches, weight, rows)
     yield torch.ops.vlfuse.patch_embed.default, (torch.randn(5, K, device=device), random_weight(4, torch.bfloat16).to(device), None)
 
 

@@ -173,8 +173,10 @@ Tensor patch_embed(const Tensor& patches, const Tensor& weight, const c10::optio
     b = *bias;
     check_same_device(b, "bias", patches, "patches", op);
     VLFUSE_CHECK_TYPE(b.scalar_type() == dtype, op, "bias has dtype ", b.scalar_type(), " but weight has ", dtype);
-    VLFUSE_CHECK_VALUE(b.dim() == 1 && b.size(0) == w.size(0), op, "bias must be [E] = [", w.size(0),
-                       "], got shape ", b.sizes());
+    VLFUSE_CHECK_VALUE((b.dim() == 1 && b.size(0) == w.size(0)) ||
+                           (b.dim() == 2 && b.size(0) == patches.size(0) && b.size(1) == w.size(0)),
+                       op, "bias must be [E] = [", w.size(0), "] or one row per patch [N, E] = [", patches.size(0),
+                       ", ", w.size(0), "], got shape ", b.sizes());
   }
   if (patches.is_cpu() && !cpu_gemm_is_native(dtype)) {
     // The same inputs (rounded to dtype) through float32 sgemm, rounded once at the end: what a native

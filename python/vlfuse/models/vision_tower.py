@@ -345,12 +345,12 @@ class VisionTower(nn.Module):
         if self.pos_embed is None:
             return self.patch_embed(pixel_values)
         proj = self.patch_embed.proj
-        weight = proj.weight.reshape(proj.weight.shape[0], -1)  # [E, C * Tp * P * P]
-        # The position rows and the conv bias are the GEMM's beta term: the whole embedding is one addmm.
+        # The position rows and the conv bias are the GEMM's added term: the whole embedding is one patch_embed
+        # GEMM (which also takes the float32 route on CPUs without a native bf16/fp16 GEMM).
         rows = self.ops.interp_pos_embed(
             self.pos_embed.weight, plan.grid_thw, self.config.spatial_merge_size, bias=proj.bias, tokens=plan.tokens
         )  # [N, E]
-        return torch.addmm(rows.to(weight.dtype), pixel_values.to(weight.dtype), weight.t())
+        return self.ops.patch_embed(pixel_values, proj.weight, rows.to(proj.weight.dtype))
 
     def _run(self, pixel_values: Tensor, plan: VisionPlan, hidden_order: str | None) -> VisionFeatures:
         units = plan.tokens // (plan.merge_size * plan.merge_size)

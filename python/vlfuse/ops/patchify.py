@@ -42,7 +42,8 @@ def patch_embed(patches: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
 
     patches: [N, C * Tp * P * P] (any float dtype and strides; cast to weight's dtype)
     weight:  [E, C, Tp, P, P]    (the Conv3d weight, or already flattened [E, C * Tp * P * P])
-    bias:    [E] or None
+    bias:    [E], or one row per patch [N, E] (the GEMM's added term: Qwen3-VL's conv bias plus its resampled
+             position table, see interp_pos_embed), or None; weight's dtype
     returns  [N, E] in weight's dtype. Differentiable w.r.t. patches, weight and bias.
     """
     return call_op(torch.ops.vlfuse.patch_embed.default, patches, weight, bias)
@@ -231,8 +232,13 @@ def _(patches, weight, bias):
             bias.dtype == weight.dtype, op, f"bias has dtype {dtype_name(bias.dtype)} but weight has ",
             dtype_name(weight.dtype),
         )
+        rows = patches.shape[0]
         check_value(
-            bias.dim() == 1 and bias.shape[0] == embed, op, f"bias must be [E] = [{embed}], got shape ", shape(bias)
+            (bias.dim() == 1 and bias.shape[0] == embed)
+            or (bias.dim() == 2 and bias.shape[0] == rows and bias.shape[1] == embed),
+            op,
+            f"bias must be [E] = [{embed}] or one row per patch [N, E] = [{rows}, {embed}], got shape ",
+            shape(bias),
         )
     return patches.new_empty((patches.shape[0], embed), dtype=weight.dtype)
 
@@ -244,7 +250,7 @@ def _patch_embed_setup(ctx, inputs, output):
     patches, weight, bias = inputs
     ctx.patches_dtype = patches.dtype
     ctx.weight_shape = weight.shape
-    ctx.has_bias = bias is not None
+    ctx.bias_dim = None if bias is None else bias.dim()
     ctx.save_for_backward(patches, weight)
 
 
@@ -260,8 +266,8 @@ def _patch_embed_backward(ctx, grad_out):
     if ctx.needs_input_grad[1]:
         rows = patches.to(weight.dtype).t()
         grad_weight = call_op(torch.ops.vlfuse.patch_embed.default, grad_out.t(), rows, None).reshape(ctx.weight_shape)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_bias = grad_out.sum(0)
+    if ctx.bias_dim is not None and ctx.needs_input_grad[2]:
+        grad_bias = grad_out.sum(0) if ctx.bias_dim == 1 else grad_out
     return grad_patches, grad_weight, grad_bias
 
 
