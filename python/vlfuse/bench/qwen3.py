@@ -3,7 +3,7 @@ table, deepstack mergers) against transformers' own Qwen3-VL code:
 
 - patch embed + position table: HF's Conv3d PatchEmbed plus its bilinear resampling of the table
   (``get_vision_interpolation_indices_and_weights`` and a weighted embedding sum) against vlfuse's
-  ``interp_pos_embed`` rows fed to the embedding GEMM as its added term (one addmm, as the vision tower runs it),
+  ``interp_pos_embed`` rows fed to ``patch_embed`` as its added term (one GEMM, as the vision tower runs it),
   beside a plain GEMM of the same size;
 - rotary at head_dim 72: HF's axial cos/sin, qkv split and ``apply_rotary_pos_emb_vision`` against ``rope_qkv``;
 - post-shuffle merge: the deepstack mergers' ``LayerNorm(x.view(-1, 4C))`` against ``merge2x2(...,
@@ -82,7 +82,7 @@ def _hf_position_rows(grid: torch.Tensor):
 
 def build_patch_embed_pos(case: Case, device: torch.device) -> Setup:
     hf = hf_qwen3_vl()
-    interp_pos_embed = vlfuse_op("interp_pos_embed")
+    interp_pos_embed, patch_embed = vlfuse_op("interp_pos_embed"), vlfuse_op("patch_embed")
     config = hf_qwen3_config(depth=1)
     grid = grid_tensor(case.param("grid"), device)
     count = tokens(case.param("grid"))
@@ -95,8 +95,7 @@ def build_patch_embed_pos(case: Case, device: torch.device) -> Setup:
     hf_rows = _hf_position_rows(grid)
 
     def vlfuse_embed(patches):
-        rows = interp_pos_embed(rows_table, grid, MERGE, bias=bias, tokens=count)
-        return torch.addmm(rows, patches.to(case.dtype), flat_weight.t())
+        return patch_embed(patches, flat_weight, interp_pos_embed(rows_table, grid, MERGE, bias=bias, tokens=count))
 
     def hf_embed(patches):
         x = embed(patches)
