@@ -16,6 +16,11 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The type the kernels accumulate a float tensor's values in: float64 for float64, float32 for the rest.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline void check_float_tensor(const at::Tensor& t, const char* op, const char* name) {
   VLFUSE_CHECK_TYPE(is_supported_float(t.scalar_type()), op, name,
                     " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());

@@ -25,10 +25,6 @@ namespace {
 
 using at::Tensor;
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 Norm parse_norm(const char* op, c10::string_view norm) {
   VLFUSE_CHECK_VALUE(norm == "layernorm" || norm == "rmsnorm", op,
                      "norm must be \"layernorm\" or \"rmsnorm\", got \"", std::string(norm), "\"");

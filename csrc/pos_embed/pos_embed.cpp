@@ -25,10 +25,6 @@ namespace {
 
 using at::Tensor;
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // The table's side: its rows must be a square number.
 int64_t table_side(const char* op, const Tensor& table) {
   const int64_t rows = table.size(0);

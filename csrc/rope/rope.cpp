@@ -25,10 +25,6 @@ void launch(const Params& p, const Tensor& like) {
   }
 }
 
-at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Checks positions [S, A] and freqs [A, D/2] and fills the angle part of p. Returns freqs in acc_t,
 // contiguous (a few hundred bytes), which must outlive the launch.
 Tensor set_angle_source(Params& p, const char* op, const Tensor& positions, const Tensor& freqs, int64_t tokens,
