@@ -1,11 +1,11 @@
 // Temporal patchify ops: argument checks (the only ones; the Python wrappers add none), output allocation, the
 // hand-off of patchify::Params blocks to the CPU or CUDA packing kernel, and the patch-embedding GEMM.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
+#include "common/cpu_gemm.h"
 #include "common/dispatch.h"
 #include "patchify/patchify.h"
 
@@ -147,20 +147,6 @@ Tensor flat_weight(const char* op, const Tensor& weight, const Tensor& patches) 
   return weight.reshape({embed, k});
 }
 
-bool ask_aten(const char* op_name) {
-  const auto op = c10::Dispatcher::singleton().findSchema({op_name, ""});
-  return op.has_value() && op->typed<bool()>().call();
-}
-
-// Whether ATen's CPU GEMM has a fast (oneDNN) kernel for this dtype, asked of ATen itself. Without one
-// (bf16 needs AVX-512, fp16 AVX512-FP16 or AMX-FP16) a bf16/fp16 at::mm runs a scalar fallback several times
-// slower than float32 sgemm on the same CPU.
-bool cpu_gemm_is_native(at::ScalarType t) {
-  static const bool bf16 = ask_aten("mkldnn::_is_mkldnn_bf16_supported");
-  static const bool fp16 = ask_aten("mkldnn::_is_mkldnn_fp16_supported");
-  return t == at::kBFloat16 ? bf16 : t == at::kHalf ? fp16 : true;
-}
-
 Tensor patch_embed(const Tensor& patches, const Tensor& weight, const c10::optional<Tensor>& bias) {
   const char* op = "patch_embed";
   check_float_tensor(patches, op, "patches");
@@ -178,9 +164,7 @@ Tensor patch_embed(const Tensor& patches, const Tensor& weight, const c10::optio
                        op, "bias must be [E] = [", w.size(0), "] or one row per patch [N, E] = [", patches.size(0),
                        ", ", w.size(0), "], got shape ", b.sizes());
   }
-  if (patches.is_cpu() && !cpu_gemm_is_native(dtype)) {
-    // The same inputs (rounded to dtype) through float32 sgemm, rounded once at the end: what a native
-    // reduced-precision GEMM with float32 accumulation computes, at sgemm speed.
+  if (patches.is_cpu() && !cpu::gemm_is_native(dtype)) {
     const Tensor x32 = x.to(at::kFloat), w32 = w.to(at::kFloat);
     return (b.defined() ? at::addmm(b.to(at::kFloat), x32, w32.t()) : at::mm(x32, w32.t())).to(dtype);
   }
