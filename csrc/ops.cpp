@@ -42,4 +42,12 @@ TORCH_LIBRARY(vlfuse, m) {
   m.def("interp_pos_embed(Tensor table, Tensor grid_thw, int merge_size, Tensor? bias=None, SymInt? tokens=None) -> Tensor");
   // Gradient of interp_pos_embed with respect to table: grad_out [tokens, C] -> [side * side, C].
   m.def("interp_pos_embed_backward(Tensor grad_out, Tensor grid_thw, int side, int merge_size) -> Tensor");
+
+  // ---- Linear + activation (csrc/linear_act) -------------------------------------------------------------
+  // act(x @ weight^T + bias): x [..., K], weight [N, K], bias [N] -> [..., N] in x's dtype; act is "none",
+  // "quick_gelu", "gelu", "gelu_tanh" or "silu". The second output is x @ weight^T + bias when keep_preact (what
+  // the backward reads; [0] otherwise, and always for "none").
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias, str act, bool keep_preact) -> (Tensor, Tensor)");
+  // grad_out * act'(preact): the gradient through the activation (the Linear's own are GEMMs, in Python).
+  m.def("linear_act_backward(Tensor grad_out, Tensor preact, str act) -> Tensor");
 }

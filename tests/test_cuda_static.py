@@ -25,6 +25,7 @@ SOURCES = {
     "rope": "csrc/rope/rope_cuda.cu",
     "patchify": "csrc/patchify/patchify_cuda.cu",
     "pos_embed": "csrc/pos_embed/pos_embed_cuda.cu",
+    "linear_act": "csrc/linear_act/linear_act_cuda.cu",
 }
 ARCH = "sm_90a"
 
@@ -79,7 +80,7 @@ def _demangle(names: list[str]) -> list[str]:
     for name in out.splitlines():
         name = re.sub(r"vlfuse::\w+::\(anonymous namespace\)::", "", name)
         name = name.replace("c10::BFloat16", "bf16").replace("c10::Half", "fp16")
-        short.append(re.sub(r"\(.*\)$", "", name).removeprefix("void "))
+        short.append(re.sub(r"\([^()]*\)$", "", name).removeprefix("void "))
     return short
 
 
@@ -168,6 +169,7 @@ REGISTER_BOUNDS = {
     "rope": [(r"", 64)],
     "patchify": [(r"", 48)],
     "pos_embed": [(r"^forward_kernel<", 64), (r"^backward_kernel<", 56), (r"", 48)],
+    "linear_act": [(r"", 64)],
 }
 
 
@@ -230,5 +232,12 @@ def test_pos_embed_kernels_call_no_subroutine_and_store_16_bytes(compiled):
         calls = sum(n for op, n in ops.items() if op.startswith("CALL"))
         assert calls == 0 and ops["I2F.U64.RP"] == 0, f"{name}: {calls} calls, {ops['I2F.U64.RP']} I2F.U64.RP"
     for name, ops in _kernels(compiled, "pos_embed", r"^(forward|backward)_kernel<[^,]+, [248]>$").items():
+        stores = {op for op in ops if op.startswith("STG")}
+        assert stores == {"STG.E.128"}, f"{name}: global stores {stores}"
+
+
+def test_linear_act_epilogue_moves_whole_packs(compiled):
+    # The packed epilogue (16 bytes of the output type per thread) loads and stores each pack in one access.
+    for name, ops in _kernels(compiled, "linear_act", r"^epilogue_kernel<.*, (2|4|8)>$").items():
         stores = {op for op in ops if op.startswith("STG")}
         assert stores == {"STG.E.128"}, f"{name}: global stores {stores}"

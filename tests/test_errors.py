@@ -30,6 +30,7 @@ GRID = torch.tensor([[2, 2, 2]])
 LN_W, LN_B = torch.ones(6), torch.zeros(6)
 WEIGHT = torch.randn(8, 3, 2, 14, 14)
 TABLE = torch.randn(36, 6)  # a 6 x 6 position table
+LIN_W, LIN_B = torch.randn(8, 6), torch.randn(8)  # a Linear 6 -> 8 for X
 
 CASES = [
     # ---- rope_qkv ----
@@ -133,6 +134,17 @@ CASES = [
     ("interp_pos_embed grid odd", lambda: ops.interp_pos_embed(TABLE, torch.tensor([[1, 2, 3]])), ValueError, ["grid_thw row 0", "merge_size = 2"]),
     ("interp_pos_embed grid negative", lambda: ops.interp_pos_embed(TABLE, torch.tensor([[-1, 2, 2]])), ValueError, ["grid_thw row 0", "negative"]),
     ("interp_pos_embed grid tokens", lambda: ops.interp_pos_embed(TABLE, GRID, tokens=4), ValueError, ["tokens = 4", "describes 8 tokens"]),
+    # ---- linear_act ----
+    ("linear_act act", lambda: ops.linear_act(X, LIN_W, LIN_B, "relu"), ValueError, ["act must be one of", "'quick_gelu'", "got 'relu'"]),
+    ("linear_act int x", lambda: ops.linear_act(X.long(), LIN_W), TypeError, ["x", "float32"]),
+    ("linear_act 0-D x", lambda: ops.linear_act(X[0, 0], LIN_W), ValueError, ["x must be [..., in_features]", "0-D"]),
+    ("linear_act 1-D weight", lambda: ops.linear_act(X, LIN_B), ValueError, ["weight", "2-D [out_features, in_features]"]),
+    ("linear_act weight dtype", lambda: ops.linear_act(X, LIN_W.double()), TypeError, ["weight has dtype Double", "x has Float"]),
+    ("linear_act in_features", lambda: ops.linear_act(X[:, :5], LIN_W), ValueError, ["in_features = 6", "x has 5 values per row"]),
+    ("linear_act bias shape", lambda: ops.linear_act(X, LIN_W, LIN_B[:7]), ValueError, ["bias", "[out_features] = [8]", "[7]"]),
+    ("linear_act bias dtype", lambda: ops.linear_act(X, LIN_W, LIN_B.half()), TypeError, ["bias has dtype Half", "x has Float"]),
+    ("linear_act_backward preact shape", lambda: torch.ops.vlfuse.linear_act_backward(X, X[:4], "silu"), ValueError, ["preact [4, 6]", "grad_out's shape [8, 6]"]),
+    ("linear_act_backward act", lambda: torch.ops.vlfuse.linear_act_backward(X, X, "tanh"), ValueError, ["act must be one of", "got 'tanh'"]),
     ("smart_resize zero", lambda: ops.smart_resize(0, 100), ValueError, ["height and width", "positive"]),
     ("smart_resize aspect", lambda: ops.smart_resize(28, 28 * 300), ValueError, ["aspect ratio"]),
 ]
@@ -169,6 +181,10 @@ def test_device_mix_is_rejected():
         ops.interp_pos_embed(TABLE.cuda(), GRID, 2, LN_B)
     with pytest.raises(RuntimeError, match="grid_thw is on cuda:0 but table is on cpu"):
         ops.interp_pos_embed(TABLE, GRID.cuda())
+    with pytest.raises(RuntimeError, match="weight is on cpu but x is on cuda"):
+        ops.linear_act(X.cuda(), LIN_W)
+    with pytest.raises(RuntimeError, match="bias is on cpu but x is on cuda"):
+        ops.linear_act(X.cuda(), LIN_W.cuda(), LIN_B)
 
 
 def test_nan_and_inf_propagate():
@@ -213,7 +229,7 @@ def test_fake_kernel_raises_the_eager_error(call, exc, words):
 
 
 COMPILED_CASES = ["rope_qkv layout", "rope k dtype", "rope_cos_sin sin rows", "patchify height 30", "patch_embed K mismatch",
-                  "merge2x2 norm", "merge2x2 grid shape", "interp_pos_embed table not square"]
+                  "merge2x2 norm", "merge2x2 grid shape", "interp_pos_embed table not square", "linear_act in_features"]
 
 
 @pytest.mark.parametrize("case", COMPILED_CASES)

@@ -44,6 +44,7 @@ def _cases():
          [x, grid, weight.repeat(4), bias.repeat(4)], [0, 2, 3]),
         ("patch_embed", ops.patch_embed, [patches, embed_w], [0, 1]),
         ("interp_pos_embed", lambda t, g, b: ops.interp_pos_embed(t, g, 2, b), [table, grid, bias], [0, 2]),
+        ("linear_act", lambda a, w, b: ops.linear_act(a, w, b, "quick_gelu"), [x, embed_w[:, :C], bias[:5]], [0, 1, 2]),
     ]
 
 

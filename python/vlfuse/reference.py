@@ -237,3 +237,32 @@ def interp_pos_embed(
     if bias is not None:
         out = out + bias.to(acc)
     return out.to(table.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear + activation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def activation(x: Tensor, act: str) -> Tensor:
+    """The activations linear_act takes, from their formulas."""
+    if act == "none":
+        return x
+    if act == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if act == "silu":
+        return x * torch.sigmoid(x)
+    if act == "gelu":
+        return 0.5 * x * (1.0 + torch.erf(x / 2.0**0.5))
+    if act == "gelu_tanh":
+        return 0.5 * x * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none") -> Tensor:
+    """act(x [..., K] @ weight [N, K]^T + bias [N]) -> [..., N], in float32 (float64 for float64) and cast back."""
+    acc = _acc(x.dtype)
+    out = x.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        out = out + bias.to(acc)
+    return activation(out, act).to(x.dtype)
