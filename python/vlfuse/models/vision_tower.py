@@ -18,17 +18,18 @@ every block reuses it, and nothing in the blocks reads the device back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import reference
 from ..nn import PatchEmbed3d, PatchMerger, RotaryAttention2D, backends
 from ..nn.attention import SegmentLayout
+from ..ops.linear_act import HF_ACTIVATIONS
 from .vision_plan import VisionPlan
 
 if TYPE_CHECKING:  # the config module's package imports this one
@@ -37,35 +38,19 @@ if TYPE_CHECKING:  # the config module's package imports this one
 __all__ = ["VisionFeatures", "VisionTower", "activation"]
 
 
-def _quick_gelu(x: Tensor) -> Tensor:
-    return x * torch.sigmoid(1.702 * x)
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The MLP activation by its HF name (``hidden_act``), as a function of one tensor: what the MLPs' first Linear
+    applies in ``vlfuse.ops.linear_act``."""
+    act = _op_activation(name)
+    return lambda x: reference.activation(x, act)
 
 
-def _quick_gelu_(x: Tensor) -> Tensor:
-    # x * sigmoid(1.702 x) = silu(1.702 x) / 1.702: three in-place passes, no temporary
-    return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
-
-
-def _tanh_gelu(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# HF name -> (activation, the same in place)
-_ACTIVATIONS = {
-    "quick_gelu": (_quick_gelu, _quick_gelu_),
-    "gelu": (F.gelu, torch.ops.aten.gelu_),
-    "gelu_pytorch_tanh": (_tanh_gelu, lambda x: torch.ops.aten.gelu_(x, approximate="tanh")),
-    "gelu_new": (_tanh_gelu, lambda x: torch.ops.aten.gelu_(x, approximate="tanh")),
-    "silu": (F.silu, lambda x: F.silu(x, inplace=True)),
-}
-
-
-def activation(name: str, inplace: bool = False):
-    """The MLP activation by its HF name (inplace: the variant that overwrites its input)."""
+def _op_activation(name: str) -> str:
+    """linear_act's name for HF's ``hidden_act``."""
     try:
-        return _ACTIVATIONS[name][int(inplace)]
+        return HF_ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unsupported activation {name!r} ({', '.join(_ACTIVATIONS)})") from None
+        raise ValueError(f"unsupported activation {name!r} ({', '.join(HF_ACTIVATIONS)})") from None
 
 
 def _add_linear_(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
@@ -76,15 +61,23 @@ def _add_linear_(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
 
 
 class VisionMlp(nn.Module):
-    """fc2(act(fc1(x))) (Qwen2-VL; the Qwen3 generation names the Linears linear_fc1 and linear_fc2: names=)."""
+    """fc2(act(fc1(x))) (Qwen2-VL; the Qwen3 generation names the Linears linear_fc1 and linear_fc2: names=), fc1
+    and its activation as one ``linear_act``."""
 
-    def __init__(self, dim: int, hidden_dim: int, hidden_act: str, names: tuple[str, str] = ("fc1", "fc2")) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        hidden_act: str,
+        names: tuple[str, str] = ("fc1", "fc2"),
+        backend: str = "vlfuse",
+    ) -> None:
         super().__init__()
         self.names = names
         setattr(self, names[0], nn.Linear(dim, hidden_dim))
         setattr(self, names[1], nn.Linear(hidden_dim, dim))
-        self.act = activation(hidden_act)
-        self.act_ = activation(hidden_act, inplace=True)
+        self.act = _op_activation(hidden_act)
+        self.ops = backends.get(backend)
 
     @property
     def first(self) -> nn.Linear:
@@ -94,34 +87,35 @@ class VisionMlp(nn.Module):
     def out(self) -> nn.Linear:
         return getattr(self, self.names[1])
 
-    def hidden(self, x: Tensor, inplace: bool = False) -> Tensor:
+    def hidden(self, x: Tensor) -> Tensor:
         """[S, hidden_dim]: what the second Linear takes."""
-        return (self.act_ if inplace else self.act)(self.first(x))
+        return self.ops.linear_act(x, self.first.weight, self.first.bias, self.act)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(self.hidden(x))
 
 
 class GatedVisionMlp(nn.Module):
-    """down_proj(act(gate_proj(x)) * up_proj(x)) (Qwen2.5-VL's SwiGLU, with biases)."""
+    """down_proj(act(gate_proj(x)) * up_proj(x)) (Qwen2.5-VL's SwiGLU, with biases); gate_proj and its activation
+    as one ``linear_act``."""
 
-    def __init__(self, dim: int, hidden_dim: int, hidden_act: str) -> None:
+    def __init__(self, dim: int, hidden_dim: int, hidden_act: str, backend: str = "vlfuse") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden_dim)
         self.up_proj = nn.Linear(dim, hidden_dim)
         self.down_proj = nn.Linear(hidden_dim, dim)
-        self.act = activation(hidden_act)
-        self.act_ = activation(hidden_act, inplace=True)
+        self.act = _op_activation(hidden_act)
+        self.ops = backends.get(backend)
 
     @property
     def out(self) -> nn.Linear:
         return self.down_proj
 
-    def hidden(self, x: Tensor, inplace: bool = False) -> Tensor:
+    def hidden(self, x: Tensor) -> Tensor:
         """[S, hidden_dim]: what down_proj takes."""
-        if inplace:
-            return self.act_(self.gate_proj(x)).mul_(self.up_proj(x))
-        return self.act(self.gate_proj(x)) * self.up_proj(x)
+        # linear_act keeps what its backward needs apart from its output, so the product may overwrite it
+        gate = self.ops.linear_act(x, self.gate_proj.weight, self.gate_proj.bias, self.act)
+        return gate.mul_(self.ops.linear_act(x, self.up_proj.weight, self.up_proj.bias))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.hidden(x))
@@ -140,22 +134,22 @@ class VisionBlock(nn.Module):
         self.norm2 = _norm(config)
         self.attn = RotaryAttention2D(config.embed_dim, config.num_heads, bias=True, backend=backend)
         if config.gated_mlp:
-            self.mlp = GatedVisionMlp(config.embed_dim, config.mlp_dim, config.hidden_act)
+            self.mlp = GatedVisionMlp(config.embed_dim, config.mlp_dim, config.hidden_act, backend)
         else:
             names = ("fc1", "fc2") if config.param_names == "qwen2" else ("linear_fc1", "linear_fc2")
-            self.mlp = VisionMlp(config.embed_dim, config.mlp_dim, config.hidden_act, names)
+            self.mlp = VisionMlp(config.embed_dim, config.mlp_dim, config.hidden_act, names, backend)
 
     def forward(
         self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout, inplace: bool = False
     ) -> Tensor:
         """x [S, C] -> [S, C]. inplace (inference only: nothing may need x's old value) updates x where it is: both
-        residual adds ride in the output projections' GEMMs and the activation overwrites its input, which saves
-        three passes over [S, C] and [S, mlp_dim] temporaries per block."""
+        residual adds ride in the output projections' GEMMs, which saves two passes over [S, C] and their
+        temporaries per block."""
         if not inplace:
             x = x + self.attn(self.norm1(x), positions, freqs, segments)
             return x + self.mlp(self.norm2(x))
         _add_linear_(x, self.attn.attend(self.norm1(x), positions, freqs, segments), self.attn.proj)
-        return _add_linear_(x, self.mlp.hidden(self.norm2(x), inplace=True), self.mlp.out)
+        return _add_linear_(x, self.mlp.hidden(self.norm2(x)), self.mlp.out)
 
 
 @dataclass(frozen=True, eq=False)

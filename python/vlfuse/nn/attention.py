@@ -80,7 +80,8 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: SegmentLayout |
 
 
 class RotaryAttention2D(nn.Module):
-    """qkv Linear -> fused split + RoPE-2D (``vlfuse.ops.rope_qkv``) -> attention within segments -> proj.
+    """qkv Linear (``vlfuse.ops.linear_act``) -> fused split + RoPE-2D (``vlfuse.ops.rope_qkv``) -> attention within
+    segments -> proj.
 
     State dict keys ``qkv.*`` and ``proj.*``, as HF Qwen2-VL's ``VisionAttention``, so its weights load as they are.
     ``backend="eager"`` runs the same weights through the eager reference (see :mod:`vlfuse.nn.backends`).
@@ -108,7 +109,8 @@ class RotaryAttention2D(nn.Module):
 
     def attend(self, x: Tensor, positions: Tensor, freqs: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
         """The attention output before ``proj`` ([S, dim]), for callers that fold proj into something else."""
-        q, k, v = self.ops.rope_qkv(self.qkv(x), positions, freqs, self.num_heads, out_layout="hsd")
+        qkv = self.ops.linear_act(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = self.ops.rope_qkv(qkv, positions, freqs, self.num_heads, out_layout="hsd")
         return segment_attention(q, k, v, segments)
 
     def extra_repr(self) -> str:

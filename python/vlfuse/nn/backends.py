@@ -34,6 +34,7 @@ class Backend:
     interp_pos_embed: Callable[..., Tensor]
     vision_positions: Callable[[Tensor, int], Tensor]
     vision_rope_freqs: Callable[..., Tensor]
+    linear_act: Callable[..., Tensor]
 
 
 def _op(name: str) -> Callable[..., Tensor]:
@@ -153,6 +154,7 @@ _TABLE = {
         interp_pos_embed=_op("interp_pos_embed"),
         vision_positions=_op("vision_positions"),
         vision_rope_freqs=_op("vision_rope_freqs"),
+        linear_act=_op("linear_act"),
     ),
     "eager": Backend(
         name="eager",
@@ -164,6 +166,7 @@ _TABLE = {
         interp_pos_embed=_eager_interp_pos_embed,
         vision_positions=_eager_vision_positions,
         vision_rope_freqs=_eager_vision_rope_freqs,
+        linear_act=reference.linear_act,
     ),
 }
 
