@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from packaging.version import Version
 from torch import nn
 
 import vlfuse
@@ -408,6 +409,7 @@ class Qwen3Family:
     extra: dict = dataclasses.field(default_factory=dict)  # further entries of the top-level config
     visual: str = "model.visual"  # the vision tower's submodule path
     frame_groups: bool = True  # a video's frames are separate groups in the prompt
+    since: str = "4.57"  # the first transformers version whose model runs these inputs
 
 
 QWEN3_FAMILIES = {
@@ -421,14 +423,17 @@ QWEN3_FAMILIES = {
         text={**HYBRID_TEXT, **MOE_TEXT, "shared_expert_intermediate_size": 16},
     ),  # fmt: skip
     # The thinker: the vision encoder and the MoE LLM that takes pixel_values (the talker and code2wav only take
-    # the thinker's outputs). Its audio encoder must be built too; the inputs hold no audio.
+    # the thinker's outputs). Its audio encoder must be built too; the inputs hold no audio. transformers 4.57.6's
+    # thinker fails unpatched on a prompt holding images and a video: it joins their deepstack features through
+    # the [batch, seq, hidden] placeholder masks ("shape mismatch: value tensor of shape [30, 32] cannot be
+    # broadcast to indexing result of shape [960, 32]").
     "qwen3_omni_moe": Qwen3Family(
         "Qwen3OmniMoeThinkerConfig", "Qwen3OmniMoeThinkerForConditionalGeneration", text=MOE_TEXT, vision=DEEPSTACK,
         extra=dict(audio_config=dict(
             num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16, d_model=16,
             output_dim=32, downsample_hidden_size=8,
         )),
-        visual="visual", frame_groups=False,
+        visual="visual", frame_groups=False, since="5.0",
     ),  # fmt: skip
     # Hyper-connections over 2 residual streams; Qwen4-Exp's full attention is the QSA-indexed kind, which needs its
     # indexer sized (here a 4-token budget of 2-token blocks).
@@ -447,6 +452,8 @@ def _qwen3_family(family: str) -> Qwen3Family:
     spec = QWEN3_FAMILIES[family]
     if not hasattr(transformers, spec.model):
         pytest.skip(f"transformers {transformers.__version__} has no {spec.model}")
+    if Version(transformers.__version__) < Version(spec.since):
+        pytest.skip(f"transformers {transformers.__version__}'s {spec.model} needs {spec.since} for these inputs")
     return spec
 
 
