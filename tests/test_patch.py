@@ -467,7 +467,8 @@ def _qwen3_model(family: str) -> nn.Module:
     model = getattr(transformers, spec.model)(config).float().eval()
     with torch.no_grad():
         # HF's init (std 0.02) leaves the vision features nearly invisible in the logits. The gated delta nets
-        # keep it: at std 0.2 their chunked fp32 recurrence amplifies rounding (any summation order's) past 1e-4.
+        # keep it: at std 0.2 their chunked fp32 recurrence amplifies rounding, HF's own included (Qwen3.5's fp32
+        # vision gradients then lay 6e-5 of their largest element off float64's), past 1e-4 in the logits.
         for name, param in model.named_parameters():
             if (param.dim() > 1 and "linear_attn" not in name) or "visual" in name:
                 param.normal_(0.0, 0.2)
