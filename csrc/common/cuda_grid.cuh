@@ -2,7 +2,11 @@
 // checked there, so that no op reads a device grid on the host.
 #pragma once
 
+#include <c10/core/Allocator.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/macros/Macros.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
@@ -42,6 +46,21 @@ __device__ void warp_grid_offsets(const int64_t* grid, int64_t stride0, int64_t 
   }
   CUDA_KERNEL_ASSERT_MSG(carried * per_unit == tokens,
                          "vlfuse: grid_thw describes a different number of tokens than the tensor it goes with");
+}
+
+// The per-item offsets of a grid_thw that lives on the GPU, derived and checked there by offsets_kernel (one warp
+// running warp_grid_offsets with the op's units), so no path needs a host sync. Points p.offsets into the
+// [items + 1] allocation it returns, which must outlive the kernels reading it; a host grid gets an empty one.
+template <typename Params>
+c10::DataPtr device_offsets(Params& p, void (*offsets_kernel)(Params, int64_t*), cudaStream_t stream) {
+  if (!p.grid_on_device) {
+    return {};
+  }
+  c10::DataPtr offsets = c10::cuda::CUDACachingAllocator::get()->allocate((p.items + 1) * sizeof(int64_t));
+  offsets_kernel<<<1, 32, 0, stream>>>(p, static_cast<int64_t*>(offsets.get()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  p.offsets = static_cast<const int64_t*>(offsets.get());
+  return offsets;
 }
 
 }  // namespace vlfuse::cuda

@@ -526,19 +526,6 @@ void with_tiling(const Params& p, int64_t unit_size, bool rows_aligned, Launch&&
   }
 }
 
-// Row offsets of a grid_thw that lives on the GPU, derived and checked there (no host sync). Returns the
-// allocation that p.offsets then points into.
-c10::DataPtr device_offsets(Params& p, cudaStream_t stream) {
-  if (!p.grid_on_device) {
-    return {};
-  }
-  c10::DataPtr offsets = c10::cuda::CUDACachingAllocator::get()->allocate((p.items + 1) * sizeof(int64_t));
-  grid_offsets_kernel<<<1, kWarp, 0, stream>>>(p, static_cast<int64_t*>(offsets.get()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  p.offsets = static_cast<const int64_t*>(offsets.get());
-  return offsets;
-}
-
 void check_token_count(const Params& p) {
   TORCH_CHECK_VALUE(p.tokens <= std::numeric_limits<int32_t>::max(), "vlfuse.merge2x2: x has ", p.tokens,
                     " tokens; the CUDA kernels index tokens in 32 bits (at most 2^31 - 1), split the input");
@@ -550,7 +537,7 @@ void merge_forward_cuda(const Params& params) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(params.device_index));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(params.device_index));
   Params p = params;
-  const c10::DataPtr offsets = device_offsets(p, stream);
+  const c10::DataPtr offsets = cuda::device_offsets(p, grid_offsets_kernel, stream);
   if (p.tokens == 0) {
     return;
   }
@@ -577,7 +564,7 @@ void merge_backward_cuda(const Params& params) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(params.device_index));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(params.device_index));
   Params p = params;
-  const c10::DataPtr offsets = device_offsets(p, stream);
+  const c10::DataPtr offsets = cuda::device_offsets(p, grid_offsets_kernel, stream);
   if (p.tokens == 0) {
     return;
   }

@@ -222,19 +222,6 @@ void with_vec(bool rows_aligned, int64_t channels, Launch&& launch) {
   }
 }
 
-// Token offsets of a grid_thw that lives on the GPU, derived and checked there (no host sync). Returns the
-// allocation that p.offsets then points into.
-c10::DataPtr device_offsets(Params& p, cudaStream_t stream) {
-  if (!p.grid_on_device) {
-    return {};
-  }
-  c10::DataPtr offsets = c10::cuda::CUDACachingAllocator::get()->allocate((p.items + 1) * sizeof(int64_t));
-  grid_offsets_kernel<<<1, kWarp, 0, stream>>>(p, static_cast<int64_t*>(offsets.get()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  p.offsets = static_cast<const int64_t*>(offsets.get());
-  return offsets;
-}
-
 void check_sizes(const char* op, const Params& p) {
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
   TORCH_CHECK_VALUE(p.tokens <= kMax && p.items <= kMax && p.side * p.side <= kMax && p.merge_size <= kMax,
@@ -249,7 +236,7 @@ void pos_embed_forward_cuda(const Params& params) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(params.device_index));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(params.device_index));
   Params p = params;
-  const c10::DataPtr offsets = device_offsets(p, stream);
+  const c10::DataPtr offsets = cuda::device_offsets(p, grid_offsets_kernel, stream);
   if (p.tokens == 0) {
     return;
   }
@@ -270,7 +257,7 @@ void pos_embed_backward_cuda(const Params& params) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(params.device_index));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(params.device_index));
   Params p = params;
-  const c10::DataPtr offsets = device_offsets(p, stream);
+  const c10::DataPtr offsets = cuda::device_offsets(p, grid_offsets_kernel, stream);
   if (p.channels == 0) {
     return;
   }
