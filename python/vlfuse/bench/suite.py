@@ -5,11 +5,11 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
-from . import merge, model, patchify, pos_embed, qwen3, rope
+from . import linear_act, merge, model, patchify, pos_embed, qwen3, rope
 from .core import Case
 
 # each module's cases() lists what it measures; a case whose op or model is not in this build is reported skipped
-FAMILIES = (rope, patchify, merge, pos_embed, model, qwen3)
+FAMILIES = (rope, patchify, merge, pos_embed, linear_act, model, qwen3)
 
 
 def all_cases() -> list[Case]:
