@@ -68,15 +68,18 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: SegmentLayout |
     H, S, D = q.shape
     if layout.tokens != S:
         raise ValueError(f"segment_attention: the segments cover {layout.tokens} tokens but q has {S}")
-    parts = []
+    if len(layout.groups) == 1:
+        start, count, length = layout.groups[0]
+        out = F.scaled_dot_product_attention(*(t.view(H, count, length, D).transpose(0, 1) for t in (q, k, v)))
+        return out.transpose(1, 2).reshape(S, H * D)
+    # each run's [count, H, length, D] result is copied once, straight to its rows (no second pass to concatenate)
+    result = q.new_empty(S, H * D)
     for start, count, length in layout.groups:
         end = start + count * length
         qs, ks, vs = (t[:, start:end].view(H, count, length, D).transpose(0, 1) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs)  # [count, H, length, D]
-        parts.append(out.transpose(1, 2).reshape(count * length, H * D))
-    if not parts:
-        return q.new_empty(0, H * D)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        out = F.scaled_dot_product_attention(qs, ks, vs)
+        result[start:end].view(count, length, H, D).copy_(out.transpose(1, 2))
+    return result
 
 
 class RotaryAttention2D(nn.Module):
