@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import reference
 from ..nn import PatchEmbed3d, PatchMerger, RotaryAttention2D, backends
 from ..nn.attention import SegmentLayout
-from ..ops.linear_act import HF_ACTIVATIONS
+from ..ops.linear_act import HF_ACTIVATIONS, cpu_gemm_is_native
 from .vision_plan import VisionPlan
 
 if TYPE_CHECKING:  # the config module's package imports this one
@@ -53,8 +53,11 @@ def _op_activation(name: str) -> str:
         raise ValueError(f"unsupported activation {name!r} ({', '.join(HF_ACTIVATIONS)})") from None
 
 
-def _add_linear_(x: Tensor, h: Tensor, linear: nn.Linear) -> Tensor:
-    """x += h @ W^T + b in place: the residual add rides in the GEMM (addmm_'s beta = 1), with no [S, C] temporary."""
+def _add_linear_(x: Tensor, h: Tensor, linear: nn.Linear, ops: backends.Backend) -> Tensor:
+    """x += h @ W^T + b in place: the residual add rides in the GEMM (addmm_'s beta = 1), with no [S, C] temporary.
+    A reduced type on a CPU without a native GEMM for it adds linear_act's result instead (its float32 route)."""
+    if x.is_cpu and not cpu_gemm_is_native(x.dtype):
+        return x.add_(ops.linear_act(h, linear.weight, linear.bias))
     if linear.bias is not None:
         x.add_(linear.bias)
     return x.addmm_(h, linear.weight.t())
@@ -148,8 +151,8 @@ class VisionBlock(nn.Module):
         if not inplace:
             x = x + self.attn(self.norm1(x), positions, freqs, segments)
             return x + self.mlp(self.norm2(x))
-        _add_linear_(x, self.attn.attend(self.norm1(x), positions, freqs, segments), self.attn.proj)
-        return _add_linear_(x, self.mlp.hidden(self.norm2(x)), self.mlp.out)
+        _add_linear_(x, self.attn.attend(self.norm1(x), positions, freqs, segments), self.attn.proj, self.attn.ops)
+        return _add_linear_(x, self.mlp.hidden(self.norm2(x)), self.mlp.out, self.attn.ops)
 
 
 @dataclass(frozen=True, eq=False)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends
@@ -16,7 +14,8 @@ _NAMES = ("qwen2", "qwen3")
 
 
 class PatchMerger(nn.Module):
-    """Norm every ViT token, concatenate each merge_size x merge_size window, then Linear -> GELU -> Linear.
+    """Norm every ViT token, concatenate each merge_size x merge_size window, then Linear -> GELU -> Linear (both
+    Linears through ``linear_act``).
 
     Drop-in for HF transformers' ``PatchMerger(dim, context_dim, spatial_merge_size)`` (Qwen2-VL, LayerNorm),
     ``Qwen2_5_VLPatchMerger`` (RMSNorm) and the Qwen3 generation's ``Qwen3VLVisionPatchMerger`` (LayerNorm; with
@@ -94,14 +93,8 @@ class PatchMerger(nn.Module):
             merge_size=self.merge_size,
             **postshuffle,
         )  # [S / m^2, m^2 * C]
-        # The bias is added inside the GEMM (addmm's beta term); the exact GELU then runs in place on that
-        # buffer unless autograd needs the pre-activation.
-        hidden = F.linear(merged, fc1.weight, fc1.bias)  # [S / m^2, m^2 * C]
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            hidden = F.gelu(hidden)
-        else:
-            hidden = torch.ops.aten.gelu_(hidden)
-        return F.linear(hidden, fc2.weight, fc2.bias)  # [S / m^2, dim]
+        hidden = self.ops.linear_act(merged, fc1.weight, fc1.bias, "gelu")  # [S / m^2, m^2 * C]
+        return self.ops.linear_act(hidden, fc2.weight, fc2.bias)  # [S / m^2, dim]
 
     def extra_repr(self) -> str:
         return (

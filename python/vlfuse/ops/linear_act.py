@@ -14,7 +14,7 @@ from torch import Tensor
 from .._native import call_op, register_autograd
 from ._checks import check_dim, check_float_tensor, check_same_device, check_type, check_value, dtype_name, shape
 
-__all__ = ["linear_act", "ACTIVATIONS", "HF_ACTIVATIONS"]
+__all__ = ["linear_act", "cpu_gemm_is_native", "ACTIVATIONS", "HF_ACTIVATIONS"]
 
 # The activations the op takes, and the names HF's configs give them (hidden_act).
 ACTIVATIONS = ("none", "quick_gelu", "gelu", "gelu_tanh", "silu")
@@ -25,6 +25,18 @@ HF_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "silu": "silu",
 }
+
+# Whether ATen's CPU GEMM has a fast (oneDNN) kernel for a reduced type on this CPU (bf16 needs AVX-512, fp16
+# AVX512-FP16 or AMX-FP16); without one it runs a scalar fallback. Asked once, as the C++ front asks.
+_NATIVE_CPU_GEMM = {
+    torch.bfloat16: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    torch.float16: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+}
+
+
+def cpu_gemm_is_native(dtype: torch.dtype) -> bool:
+    """Whether a CPU GEMM in dtype is fast here (float32 and float64 always are)."""
+    return _NATIVE_CPU_GEMM.get(dtype, True)
 
 
 def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str = "none") -> Tensor:
