@@ -7,11 +7,11 @@ model package's eager backend (the same weights through vlfuse.reference).
 from __future__ import annotations
 
 import math
-import re
+import time
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .core import FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
 from .workloads import LLM_WIDTH, VISION, WORKLOADS, grid_tensor, hf_qwen2_vl, hf_vision_config, tokens
@@ -96,69 +96,48 @@ def _attention_flops(grid, depth: int) -> float:
     return float(per_frame * depth)
 
 
-CORE = "attention core (rotary, split, SDPA)"
-PARTS = {  # module name (both towers use HF's names) -> part
-    r"patch_embed": "patch embed",
-    r"blocks\.\d+\.norm[12]": "LayerNorms",
-    r"blocks\.\d+\.attn\.qkv": "attention qkv Linear",
-    r"blocks\.\d+\.attn\.proj": "attention proj Linear",
-    r"blocks\.\d+\.attn": CORE,
-    r"blocks\.\d+\.mlp": "MLP",
-    r"merger": "merger (norm, 2x2 merge, MLP)",
+# op -> what it is, for the per-kind breakdown of a tower call; ops not listed are "other elementwise, copies".
+OP_KINDS = {
+    "GEMMs": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::convolution"),
+    "attention (SDPA kernels)": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_scaled_dot_product_attention_math", "aten::_efficient_attention_forward", "aten::_flash_attention_forward",
+    ),
+    "norms and merge": ("aten::native_layer_norm", "aten::_fused_rms_norm", "aten::rms_norm", "vlfuse::merge2x2"),
+    "rotary": ("vlfuse::rope_qkv", "vlfuse::rope", "vlfuse::rope_cos_sin"),
+    "bias + activation epilogues": ("vlfuse::linear_act", "aten::gelu", "aten::gelu_", "aten::silu", "aten::silu_",
+                                    "aten::sigmoid"),
+    "copies and concatenation": ("aten::copy_", "aten::cat", "aten::index", "aten::clone", "aten::contiguous"),
 }
 
-PATCH_EMBED_OPS = ("vlfuse::patch_embed", "aten::conv3d")
 
+def part_breakdown(call: Callable[[], object]) -> dict[str, float]:
+    """Milliseconds of one call by kind of work: each op's own time (its children, e.g. the GEMM inside
+    linear_act or addmm's bias copy, are counted as themselves), on the device where there is one. What no kind
+    lists (residual adds, position ids, small elementwise ops) is "other". The kinds line up with a tower's floor:
+    "GEMMs" and "attention" are what the floor times alone; the rest is the work around them."""
+    from torch.profiler import ProfilerActivity, profile
 
-def part_breakdown(module: nn.Module, call: Callable[[], object]) -> dict[str, float]:
-    """Milliseconds of one call per part: each part's modules are bracketed by profiler ranges (inclusive times, with
-    the qkv/proj Linears taken out of the attention core and SDPA shown on its own); what no module covers
-    (residual adds, position ids, rotary tables, casts) is "other"."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    handles, open_ranges = [], []
-    for name, sub in module.named_modules():
-        part = next((part for pattern, part in PARTS.items() if re.fullmatch(pattern, name)), None)
-        if part is None:
-            continue
-
-        def enter(mod, args, label=f"part::{part}"):
-            scope = record_function(label)
-            scope.__enter__()
-            open_ranges.append(scope)
-
-        def leave(mod, args, output):
-            open_ranges.pop().__exit__(None, None, None)
-
-        handles += [sub.register_forward_pre_hook(enter), sub.register_forward_hook(leave)]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    try:
-        call()  # warm
-        with profile(activities=activities) as prof:
-            with record_function("part::total"):
-                call()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-    finally:
-        for handle in handles:
-            handle.remove()
-    totals: dict[str, float] = {}
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    call()  # warm
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+        total = (time.perf_counter() - start) * 1e3
+    kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+    parts = dict.fromkeys(OP_KINDS, 0.0)
     for event in prof.key_averages():
-        ms = max(event.cpu_time_total, getattr(event, "device_time_total", 0.0)) / 1e3
-        if event.key.startswith("part::"):
-            totals[event.key[6:]] = totals.get(event.key[6:], 0.0) + ms
-        elif event.key == "aten::scaled_dot_product_attention":
-            totals["SDPA"] = totals.get("SDPA", 0.0) + ms
-        elif event.key in PATCH_EMBED_OPS:  # a tower may call the op without going through its module
-            totals["patch embed op"] = totals.get("patch embed op", 0.0) + ms
-    parts = {part: totals.get(part, 0.0) for part in dict.fromkeys(PARTS.values())}
-    parts["patch embed"] = max(parts["patch embed"], totals.get("patch embed op", 0.0))
-    core = parts.pop(CORE) - parts["attention qkv Linear"] - parts["attention proj Linear"]
-    sdpa = min(totals.get("SDPA", 0.0), max(core, 0.0))
-    parts["attention SDPA"] = sdpa
-    parts["attention rotary, split, copies"] = core - sdpa
-    parts["other (residuals, positions, casts)"] = totals.get("total", 0.0) - sum(parts.values())
-    parts["total"] = totals.get("total", 0.0)
+        kind = kind_of.get(event.key)
+        if kind is None:
+            continue
+        own = event.self_device_time_total if cuda else event.self_cpu_time_total
+        parts[kind] += own / 1e3
+    parts["other (residual adds, positions, small ops)"] = max(total - sum(parts.values()), 0.0)
+    parts["total"] = total
     return {k: round(v, 3) for k, v in parts.items()}
 
 
@@ -218,8 +197,8 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
     def profile() -> dict:
         with torch.no_grad():
             return {
-                "vlfuse": part_breakdown(tower, lambda: vlfuse_tower(pixel_values)),
-                "HF eager": part_breakdown(hf_tower, lambda: hf_vision_tower(pixel_values)),
+                "vlfuse": part_breakdown(lambda: vlfuse_tower(pixel_values)),
+                "HF eager": part_breakdown(lambda: hf_vision_tower(pixel_values)),
             }
 
     passes = 3 if backward else 1  # a GEMM's backward is two GEMMs of its size
