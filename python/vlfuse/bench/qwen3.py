@@ -139,7 +139,7 @@ def build_qwen3_tower(case: Case, device: torch.device) -> Setup:
     from vlfuse.models.vision_tower import VisionTower
     from vlfuse.patch import auto as patch_auto
 
-    from .model import _plain_gemms
+    from .model import _plain_gemms, compile_hf_tower
 
     depth = case.param("depth")
     grid = case.param("grid")
@@ -186,10 +186,8 @@ def build_qwen3_tower(case: Case, device: torch.device) -> Setup:
         work=flops,
         flops=flops,
         tol_scale=4.0 * depth**0.5,
-        compile=device.type == "cuda",
-        note=f"Qwen3-VL tower: {depth} of 27 blocks (real width); limit = the tower's GEMMs alone"
-        + ("" if device.type == "cuda" else "; torch.compile of HF's tower is not timed on a CPU (inductor takes "
-           "many minutes over it)"),  # fmt: skip
+        compile=compile_hf_tower(device, case.dtype),
+        note=f"Qwen3-VL tower: {depth} of 27 blocks (real width); limit = the tower's GEMMs alone",
         extras={"HF + vlfuse.patch": patched_call},
     )
 
