@@ -267,10 +267,35 @@ def pos_embed_calls(device: str) -> list[Call]:
     return calls
 
 
+def linear_act_calls(device: str) -> list[Call]:
+    calls = []
+    # (rows, in_features, out_features, act, dtype, bias, x's row stride: one that breaks the 16-byte packs)
+    for rows, k, n, act, dtype, bias, stride in (
+        (37, 1280, 5120, "quick_gelu", torch.bfloat16, True, 1280),
+        (37, 1152, 4304, "gelu_tanh", torch.bfloat16, True, 1152),
+        (29, 96, 70, "silu", torch.float32, True, 97),
+        (13, 64, 3 * 64, "none", torch.float16, True, 64),
+        (11, 40, 24, "gelu", torch.float32, False, 40),
+    ):
+        base = torch.randn(rows, stride, device=device, dtype=dtype)
+        inputs = [base, torch.randn(n, k, device=device, dtype=dtype) / k**0.5]
+        inputs += [torch.randn(n, device=device, dtype=dtype)] if bias else []
+
+        def linear_fn(op, base, weight, *bias, k=k, act=act):
+            return op(base[:, :k], weight, bias[0] if bias else None, act)
+
+        calls.append(
+            Call(f"linear_act {rows}x{k}->{n} {act}{' +bias' if bias else ''} stride={stride}", dtype,
+                 lambda *a, f=linear_fn: f(ops.linear_act, *a), lambda *a, f=linear_fn: f(reference.linear_act, *a),
+                 inputs, tuple(range(len(inputs))))
+        )  # fmt: skip
+    return calls
+
+
 def all_calls(device: str) -> list[Call]:
     return (
         rope_qkv_calls(device) + rope_calls(device) + patchify_calls(device) + merge_calls(device)
-        + pos_embed_calls(device)
+        + pos_embed_calls(device) + linear_act_calls(device)
     )  # fmt: skip
 
 
