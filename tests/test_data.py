@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlfuse.train.data import IGNORE_INDEX, BatchStream, JsonlDataset, SampleEncoder, collate, read_jsonl
-from vlfuse.train.synthetic import CorpusSpec, make_corpus
+from vlfuse.train.synthetic import MOTION_FRAMES, OPPOSITE, CorpusSpec, make_corpus
 
 SMALL = {
     "train": CorpusSpec(shape_colour=6, characters=6, motion=8, count=3, dialogue=3),
@@ -51,14 +51,27 @@ def test_corpus_is_deterministic_and_offline(tmp_path, corpus):
 
 def test_corpus_tasks_and_splits(corpus):
     train, val = read_jsonl(corpus / "train.jsonl"), read_jsonl(corpus / "val.jsonl")
-    assert len(train) == 26 and len(val) == 6
+    assert len(train) == 26 + 8 and len(val) == 6  # each training clip is also played backwards
     assert {s["task"] for s in train} == {"shape_colour", "characters", "motion", "count", "dialogue"}
     frames = {len(s["videos"][0]) for s in train if s["task"] == "motion"}
     assert any(n % 2 for n in frames) and any(n % 2 == 0 for n in frames), frames
+    assert {len(s["videos"][0]) for s in val if s["task"] == "motion"} <= set(MOTION_FRAMES["held_out"])
     assert all(len(s["images"]) == 2 for s in train if s["task"] == "count")
     assert all(sum(t["role"] == "assistant" for t in s["conversations"]) == 2 for s in train if s["task"] == "dialogue")
     assert all(Path(p).is_file() for s in train + val for p in s["images"] + sum(s["videos"], []))
     assert not {s["id"] for s in train} & {s["id"] for s in val}
+
+
+def test_training_clips_are_also_played_backwards(corpus):
+    train, val = read_jsonl(corpus / "train.jsonl"), read_jsonl(corpus / "val.jsonl")
+    clips = {s["id"]: s for s in train if s["task"] == "motion"}
+    forward = [s for s in clips.values() if not s["id"].endswith("r")]
+    assert len(forward) == 8 and len(clips) == 16
+    for s in forward:
+        backward = clips[s["id"] + "r"]
+        assert backward["videos"][0] == s["videos"][0][::-1]
+        assert backward["conversations"][1]["content"] == OPPOSITE[s["conversations"][1]["content"]]
+    assert not any(s["id"].endswith("r") for s in val)
 
 
 def test_encoder_labels_only_answers(corpus, encoder):
