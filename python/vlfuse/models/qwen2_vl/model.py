@@ -118,11 +118,16 @@ class Qwen2VL(nn.Module):
         pixel_values_videos: Tensor | None,
         video_grid_thw: Tensor | None,
     ) -> Tensor:
-        """[B, L, width]: token embeddings, the image (video) pad tokens replaced by the vision tower's output."""
+        """[B, L, width]: token embeddings, the image (video) pad tokens replaced by the vision tower's output.
+
+        Images and videos go through the tower in one call (items of any size pack into one), so every step runs
+        each vision block once whatever its batch holds: FSDP gathers a block's parameters once per call of it,
+        and ranks whose batches differ in having videos must still make the same collective calls."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         embeds = self.language_model.embed_tokens(input_ids)
         c = self.config
+        parts = []
         for name, pixels, grid, token in (
             ("image", pixel_values, image_grid_thw, c.image_token_id),
             ("video", pixel_values_videos, video_grid_thw, c.video_token_id),
@@ -136,14 +141,24 @@ class Qwen2VL(nn.Module):
                 continue
             if grid is None:
                 raise ValueError(f"{name} pixel values were given without their grid_thw")
-            features = self.visual(pixels.to(self.visual.dtype), grid)
+            parts.append((name, pixels, grid, slots))
+        if not parts:
+            return embeds
+        features = self.visual(
+            torch.cat([pixels.to(self.visual.dtype) for _, pixels, _, _ in parts]),
+            torch.cat([grid.reshape(-1, 3) for _, _, grid, _ in parts]),
+        )
+        start = 0
+        for name, _, grid, slots in parts:
+            merged = int(grid.reshape(-1, 3).prod(-1).sum()) // c.vision.spatial_merge_size**2
             count = int(slots.sum())
-            if count != features.shape[0]:
+            if count != merged:
                 raise ValueError(
-                    f"the prompt has {count} {name} pad tokens but the {name}s give {features.shape[0]} visual "
-                    f"tokens (grid_thw {grid.tolist()})"
+                    f"the prompt has {count} {name} pad tokens but the {name}s give {merged} visual tokens "
+                    f"(grid_thw {grid.tolist()})"
                 )
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), features.to(embeds.dtype))
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), features[start : start + merged].to(embeds.dtype))
+            start += merged
         return embeds
 
     def _positions(self, input_ids, image_grid_thw, video_grid_thw, attention_mask) -> tuple[Tensor, Tensor]:
