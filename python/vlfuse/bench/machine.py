@@ -102,7 +102,10 @@ def machine_info(device: torch.device, measure_limits: bool, quick: bool) -> dic
 
 
 def measure_machine_limits(device: torch.device, quick: bool) -> dict:
-    """Copy bandwidth for a buffer larger than the caches, and square-GEMM throughput per dtype."""
+    """Copy bandwidth for a buffer larger than the caches, and square-GEMM throughput per dtype in nn.Linear's layout
+    (x @ W^T), the layout of every GEMM the towers run: where a CPU has no native kernel for a reduced type, ATen's
+    fallback for that layout can be an order of magnitude faster than for a plain mm, and the runner's estimate of
+    a slow case's time must not come from the wrong one."""
     config = TimingConfig(warmup=1, repeats=3 if quick else 5, min_sample_s=0.02)
     copy_bytes = (64 if quick else 256) * 2**20
     n = 512 if quick else 1024
@@ -113,7 +116,7 @@ def measure_machine_limits(device: torch.device, quick: bool) -> dict:
     for name, dtype in dtypes.items():
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
-        fns[name] = lambda a=a, b=b: torch.mm(a, b)
+        fns[name] = lambda a=a, b=b: torch.nn.functional.linear(a, b)
     seconds = time_interleaved(fns, device, config)
     return {
         "copy_gbs": copy_bytes / seconds.pop("copy") / 1e9,
