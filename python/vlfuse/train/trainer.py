@@ -64,6 +64,25 @@ def build_model(cfg: dict):
     return Qwen2VL(config, backend=m["backend"])
 
 
+def wrap_data_parallel(model: nn.Module, strategy: str, device: torch.device) -> nn.Module:
+    """The model wrapped for data-parallel training over the initialized process group: "ddp" (a replica per rank)
+    or "fsdp" (FSDP2: each block of every ModuleList sharded on its own, then the rest of the model)."""
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if isinstance(module, nn.ModuleList):
+                for block in module:
+                    fully_shard(block)
+        fully_shard(model)
+        return model
+    if strategy != "ddp":
+        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def build_processor(cfg: dict, model):
     """The processor of the run: the config's pixel bounds; its normalisation (``data.image_mean``/``image_std``)
     or else the init model's saved one or else CLIP's."""
@@ -134,18 +153,7 @@ class Trainer:
     def _wrap(self, model: nn.Module) -> nn.Module:
         if self.world == 1:
             return model
-        if self.fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for module in model.modules():
-                if isinstance(module, nn.ModuleList):
-                    for block in module:
-                        fully_shard(block)
-            fully_shard(model)
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return wrap_data_parallel(model, "fsdp" if self.fsdp else "ddp", self.device)
 
     def _all_sum(self, value: torch.Tensor) -> torch.Tensor:
         if self.world > 1:

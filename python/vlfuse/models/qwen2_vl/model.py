@@ -27,6 +27,12 @@ class Qwen2VLOutput:
     loss: Tensor | None = None  # mean next-token cross-entropy over labels != -100
 
 
+def _data_parallel() -> bool:
+    """Whether this process is one of several training ranks (torch.distributed set up with more than one)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class Qwen2VL(nn.Module):
     """Qwen2-VL for conditional generation. Submodules: ``visual`` (the vision tower), ``language_model`` (the
     decoder), ``lm_head`` (tied to the embedding when ``config.tie_word_embeddings``).
@@ -143,6 +149,14 @@ class Qwen2VL(nn.Module):
                 raise ValueError(f"{name} pixel values were given without their grid_thw")
             parts.append((name, pixels, grid, slots))
         if not parts:
+            if self.training and torch.is_grad_enabled() and _data_parallel():
+                # a rank whose batch has no visuals must still call every vision block, or FSDP's gathers of the
+                # other ranks wait forever (and DDP misses the vision gradients it reduces): one merge window of
+                # zeros through the tower, its output times zero, adds zero gradients
+                m = c.vision.spatial_merge_size
+                grid = torch.tensor([[1, m, m]])
+                pixels = embeds.new_zeros(m * m, c.vision.patch_dim, dtype=self.visual.dtype)
+                embeds = embeds + 0 * self.visual(pixels, grid).sum().to(embeds.dtype)
             return embeds
         features = self.visual(
             torch.cat([pixels.to(self.visual.dtype) for _, pixels, _, _ in parts]),
