@@ -72,6 +72,17 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: SegmentLayout |
         start, count, length = layout.groups[0]
         out = F.scaled_dot_product_attention(*(t.view(H, count, length, D).transpose(0, 1) for t in (q, k, v)))
         return out.transpose(1, 2).reshape(S, H * D)
+    if layout.groups and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        # autograd of writes into one buffer would clone the whole output gradient once per run, and of slices of
+        # q, k, v would fill a zero [H, S, D] gradient per run and add them up; split and cat take one pass each
+        sizes = [count * length for _, count, length in layout.groups]
+        outs = [
+            F.scaled_dot_product_attention(*(t.view(H, count, length, D).transpose(0, 1) for t in run))
+            .transpose(1, 2)
+            .reshape(count * length, H * D)
+            for (_, count, length), *run in zip(layout.groups, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1))
+        ]
+        return torch.cat(outs)
     # each run's [count, H, length, D] result is copied once, straight to its rows (no second pass to concatenate)
     result = q.new_empty(S, H * D)
     for start, count, length in layout.groups:

@@ -118,11 +118,17 @@ def _linear_act_setup(ctx, inputs, output):
     ctx.x_shape = x.shape
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, bias, output[1])
+    # the kept pre-activation is saved state, not a result to differentiate: without this autograd would fill a
+    # zero gradient of its size (the MLP's widest tensor) on every backward
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _linear_act_backward(ctx, grad_out, _grad_preact):
     # The activation's derivative in one pass, then the Linear's two GEMMs through the op itself (act "none", no
     # bias), so they take its GEMM choice (the float32 route for a reduced type on a CPU without a native GEMM).
+    if grad_out is None:
+        return None, None, None, None, None
     x, weight, bias, preact = ctx.saved_tensors
     gemm = torch.ops.vlfuse.linear_act.default
     grad = grad_out.reshape(-1, grad_out.shape[-1])
