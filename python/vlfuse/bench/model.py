@@ -58,21 +58,26 @@ def _floor(make_calls: Callable[[], list[tuple[Callable[..., Tensor], tuple[Tens
 
 
 def _plain_gemms(shapes, device: torch.device, dtype: torch.dtype, backward: bool = False) -> Callable[[], None]:
-    """Every GEMM alone; forward ones write into outputs they already hold (the GEMM's own time: fresh output
-    pages would add page faults that are no part of it, and that the towers' own GEMMs may not pay)."""
+    """Every GEMM alone, in nn.Linear's layout (x [M, K] @ W^T, W [N, K]) as the towers run them; forward ones
+    write into outputs they already hold (the GEMM's own time: fresh output pages would add page faults that are
+    no part of it, and that the towers' own GEMMs may not pay)."""
     operands = {
         shape: (torch.randn(shape[0], shape[1], device=device, dtype=dtype),
-                torch.randn(shape[1], shape[2], device=device, dtype=dtype))
+                torch.randn(shape[2], shape[1], device=device, dtype=dtype))
         for shape in set(shapes)
     }  # fmt: skip
     if not backward:
         outputs = {shape: torch.empty(shape[0], shape[2], device=device, dtype=dtype) for shape in operands}
-        return _floor(lambda: [(_mm_into, (*operands[shape], outputs[shape])) for shape in shapes], backward)
-    return _floor(lambda: [(torch.mm, operands[shape]) for shape in shapes], backward)
+        return _floor(lambda: [(_linear_into, (*operands[shape], outputs[shape])) for shape in shapes], backward)
+    return _floor(lambda: [(_linear, operands[shape]) for shape in shapes], backward)
 
 
-def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
-    return torch.mm(a, b, out=out)
+def _linear(x: Tensor, weight: Tensor) -> Tensor:
+    return torch.mm(x, weight.t())
+
+
+def _linear_into(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
+    return torch.mm(x, weight.t(), out=out)
 
 
 def _plain_attention(plan, depth: int, device, dtype, backward: bool = False) -> Callable[[], None]:
