@@ -17,16 +17,17 @@ MLPS = {
 
 
 def _plain_gemm(rows: int, k: int, n: int, device, dtype, backward: bool):
-    a = torch.randn(rows, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
+    """The Linear's GEMMs alone, in nn.Linear's layouts (x @ W^T; backward grad @ W and grad^T @ x)."""
+    x = torch.randn(rows, k, device=device, dtype=dtype)
+    weight = torch.randn(n, k, device=device, dtype=dtype)
     out = torch.empty(rows, n, device=device, dtype=dtype)
-    grads = (torch.empty(rows, k, device=device, dtype=dtype), torch.empty(k, n, device=device, dtype=dtype))
+    grads = (torch.empty(rows, k, device=device, dtype=dtype), torch.empty(n, k, device=device, dtype=dtype))
 
     def run():
-        torch.mm(a, b, out=out)
+        torch.mm(x, weight.t(), out=out)
         if backward:  # a GEMM's backward: two GEMMs of its size
-            torch.mm(out, b.t(), out=grads[0])
-            torch.mm(a.t(), out, out=grads[1])
+            torch.mm(out, weight, out=grads[0])
+            torch.mm(out.t(), x, out=grads[1])
 
     return run
 
