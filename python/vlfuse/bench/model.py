@@ -103,17 +103,27 @@ def _attention_flops(grid, depth: int) -> float:
 
 # op -> what it is, for the per-kind breakdown of a tower call; ops not listed are "other elementwise, copies".
 OP_KINDS = {
-    "GEMMs": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::convolution"),
+    "GEMMs": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+              "aten::cudnn_convolution", "aten::convolution_backward"),
     "attention (SDPA kernels)": (
         "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
         "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
-        "aten::_scaled_dot_product_attention_math", "aten::_efficient_attention_forward", "aten::_flash_attention_forward",
+        "aten::_scaled_dot_product_attention_math", "aten::_efficient_attention_forward",
+        "aten::_flash_attention_forward", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+        "aten::_scaled_dot_product_flash_attention_backward", "aten::_scaled_dot_product_efficient_attention_backward",
+        "aten::_scaled_dot_product_cudnn_attention_backward", "aten::_efficient_attention_backward",
+        "aten::_flash_attention_backward",
     ),
-    "norms and merge": ("aten::native_layer_norm", "aten::_fused_rms_norm", "aten::rms_norm", "vlfuse::merge2x2"),
-    "rotary": ("vlfuse::rope_qkv", "vlfuse::rope", "vlfuse::rope_cos_sin"),
-    "bias + activation epilogues": ("vlfuse::linear_act", "aten::gelu", "aten::gelu_", "aten::silu", "aten::silu_",
-                                    "aten::sigmoid"),
-    "copies and concatenation": ("aten::copy_", "aten::cat", "aten::index", "aten::clone", "aten::contiguous"),
+    "norms and merge": ("aten::native_layer_norm", "aten::_fused_rms_norm", "aten::rms_norm", "vlfuse::merge2x2",
+                        "aten::native_layer_norm_backward", "aten::_fused_rms_norm_backward",
+                        "vlfuse::merge2x2_backward"),
+    "rotary": ("vlfuse::rope_qkv", "vlfuse::rope", "vlfuse::rope_cos_sin", "vlfuse::rope_qkv_backward",
+               "vlfuse::rope_backward"),
+    "bias + activation epilogues": ("vlfuse::linear_act", "vlfuse::linear_act_backward", "aten::gelu", "aten::gelu_",
+                                    "aten::silu", "aten::silu_", "aten::sigmoid", "aten::gelu_backward",
+                                    "aten::silu_backward", "aten::sigmoid_backward"),
+    "copies and concatenation": ("aten::copy_", "aten::cat", "aten::index", "aten::clone", "aten::contiguous",
+                                 "aten::fill_", "aten::index_put_", "aten::_index_put_impl_"),
 }
 
 
@@ -144,6 +154,14 @@ def part_breakdown(call: Callable[[], object]) -> dict[str, float]:
     parts["other (residual adds, positions, small ops)"] = max(total - sum(parts.values()), 0.0)
     parts["total"] = total
     return {k: round(v, 3) for k, v in parts.items()}
+
+
+def _forward_backward(tower: Callable[[Tensor], Tensor], params: list, pixel_values: Tensor) -> None:
+    """One training step's tower work: forward, backward of an all-ones output gradient, fresh parameter grads."""
+    for p in params:
+        p.grad = None
+    out = tower(pixel_values)
+    out.backward(torch.ones_like(out))
 
 
 def compile_hf_tower(device: torch.device, dtype: torch.dtype) -> bool:
@@ -208,6 +226,15 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
     plan = tower.plan(host_grid)
 
     def profile() -> dict:
+        if backward:
+            return {
+                "vlfuse": part_breakdown(
+                    lambda: _forward_backward(vlfuse_tower, list(tower.parameters()), pixel_values)
+                ),
+                "HF eager": part_breakdown(
+                    lambda: _forward_backward(hf_vision_tower, list(hf_tower.parameters()), pixel_values)
+                ),
+            }
         with torch.no_grad():
             return {
                 "vlfuse": part_breakdown(lambda: vlfuse_tower(pixel_values)),
@@ -232,7 +259,7 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
         compile=compile_hf_tower(device, case.dtype),
         note=(f"vision tower: {depth} of {VISION.depth} blocks (real width); " if depth < VISION.depth
               else "") + "limit = the tower's GEMMs alone; 'SDPA alone' = its attention calls alone (floor = both)",
-        profile=profile if case.mode == FWD else None,
+        profile=profile,
         extras={
             "HF + vlfuse.patch": patched_call,
             "SDPA alone": _plain_attention(plan, depth, device, case.dtype, backward),
