@@ -27,8 +27,7 @@ def make(shape, dtype, device, bias=True, seed=0):
 
 
 def close(got, want, dtype):
-    # A reduced-type GEMM rounds its output before the bias is added (on a CPU with a native GEMM for it, and on
-    # the GPU): two roundings, each up to half an ulp of the larger of the GEMM's output and the result.
+    # A reduced type rounds the pre-activation, then the activation: two roundings, against one in the reference.
     if dtype in (torch.float16, torch.bfloat16):
         t = tol(dtype)
         scale = want.float().abs().max().clamp_min(1.0).item()
@@ -62,6 +61,25 @@ def test_matches_hf_linear_and_activation(device, hidden_act):
         linear.bias.copy_(b)
         want = ACT2FN[hidden_act](linear(x))
     torch.testing.assert_close(ops.linear_act(x, w, b, HF_ACTIVATIONS[hidden_act]), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_reduced_type_as_accurate_as_nn_linear(device, dtype, act):
+    """The bias joins the GEMM's float32 sum before its one rounding, as in nn.Linear's addmm: a bias added to the
+    GEMM's rounded output rounds every value twice, and that doubled error compounds through a tower's Linears."""
+    x, w, b = make("qwen2_fc1", dtype, device)
+    exact = ref.linear_act(x.double(), w.double(), b.double(), act)
+    activation = {"none": lambda t: t, "gelu": torch.nn.functional.gelu}[act]
+    linear = activation(torch.nn.functional.linear(x, w, b))
+    # relative error: where the bias cancels most of the GEMM's output, a rounding before the bias shows in full
+    judged = exact.abs() > 1e-2
+
+    def error(t):
+        return ((t.double() - exact).abs() / exact.abs())[judged].max().item()
+
+    assert error(ops.linear_act(x, w, b, act)) <= 1.25 * error(linear)
 
 
 @pytest.mark.parametrize("device", devices())

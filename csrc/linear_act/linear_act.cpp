@@ -73,13 +73,12 @@ std::tuple<Tensor, Tensor> linear_act(const Tensor& x, const Tensor& weight, con
   const int64_t K = x.size(-1), N = weight.size(0);
   VLFUSE_CHECK_VALUE(weight.size(1) == K, op, "weight ", weight.sizes(), " takes in_features = ", weight.size(1),
                      " but x has ", K, " values per row (shape ", x.sizes(), ")");
-  Tensor b;
-  if (bias.has_value() && bias->defined()) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
     check_same_device(*bias, "bias", x, "x", op);
     VLFUSE_CHECK_TYPE(bias->scalar_type() == dtype, op, "bias has dtype ", bias->scalar_type(), " but x has ", dtype);
     VLFUSE_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, "bias must be [out_features] = [", N,
                        "], got shape ", bias->sizes());
-    b = bias->to(acc_type(dtype)).contiguous();
   }
 
   const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
@@ -91,10 +90,20 @@ std::tuple<Tensor, Tensor> linear_act(const Tensor& x, const Tensor& weight, con
   // A reduced type on a CPU without its native GEMM goes through float32 sgemm (cpu::gemm_is_native); the
   // epilogue then rounds the float32 block once, as a native GEMM would.
   const bool route32 = x.is_cpu() && !cpu::gemm_is_native(dtype);
+  // A GEMM that writes a reduced type itself takes the bias in its float32 accumulator, as nn.Linear's addmm does:
+  // added after the GEMM's rounding, it would round every output twice (twice nn.Linear's bf16 error after a few
+  // Linears). float32 blocks take the bias in the epilogue's pass, with the activation.
+  const bool bias_in_gemm = has_bias && !route32 && at::isReducedFloatingType(dtype);
+  Tensor b;
+  if (has_bias && !bias_in_gemm) {
+    b = bias->to(acc_type(dtype)).contiguous();
+  }
   Tensor pre = cpu::empty_output(shape, options.dtype(route32 ? at::kFloat : dtype));
   Tensor pre2 = pre.view({rows, N});
   if (route32) {
     at::mm_out(pre2, x2.to(at::kFloat), weight.to(at::kFloat).t());
+  } else if (bias_in_gemm) {
+    at::addmm_out(pre2, *bias, x2, weight.t());
   } else {
     at::mm_out(pre2, x2, weight.t());
   }
