@@ -6,6 +6,7 @@ model package's eager backend (the same weights through vlfuse.reference).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -224,6 +225,12 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
     shapes = tower_gemms(count, depth, llm_width)
     flops = float(sum(2 * m * k * n for m, k, n in shapes))
     plan = tower.plan(host_grid)
+    # In a reduced type HF's tower is itself far from exact (its bf16 weight gradients most of all), so where the
+    # two disagree HF's code in float64 judges; float32 towers agree within tolerance and skip the float64 copy.
+    hf_tower64 = copy.deepcopy(hf_tower).double() if case.dtype != torch.float32 else None
+
+    def hf_vision_tower64(pixel_values):
+        return hf_tower64(pixel_values, grid_thw=grid_thw).pooler_output
 
     def profile() -> dict:
         if backward:
@@ -248,6 +255,8 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
         eager=hf_vision_tower,
         vlfuse_params=list(tower.parameters()) if backward else (),
         eager_params=list(hf_tower.parameters()) if backward else (),
+        reference=hf_vision_tower64 if hf_tower64 is not None else None,
+        reference_params=list(hf_tower64.parameters()) if hf_tower64 is not None and backward else (),
         shape=f"depth {depth} of {VISION.depth}, width {VISION.embed_dim}, [{count}, {VISION.patch_dim}] -> "
         f"[{count // 4}, {llm_width}]",
         baseline="HF Qwen2VisionTransformerPretrainedModel (SDPA), same weights",

@@ -193,11 +193,12 @@ def run_case(case: Case, options: RunOptions) -> dict:
         return record
     record["max_err"], record["tol"] = err, tol
     oracle = None  # the baseline's code in float64, run when a comparison with eager is not conclusive
+    allowed = tol
     if not err <= tol and setup.reference is not None:
         oracle = _float64_outputs(prepared)
-        err = _judge_by_float64(got, expected, oracle, record)
-    if not err <= tol:
-        record["check"] = f"FAIL: max relative error {err:.3g} > {tol:.3g}"
+        err, allowed = _judge_by_float64(got, expected, oracle, record, tol)
+    if not err <= allowed:
+        record["check"] = f"FAIL: max relative error {err:.3g} > {allowed:.3g}"
         return record
     record["check"] = "ok"
     del got
@@ -250,8 +251,12 @@ def _float64_outputs(prepared: Prepared) -> list[Tensor]:
     return make_call(setup.reference, setup64, prepared.case.mode, setup.reference_params, grads64)()
 
 
-def _judge_by_float64(got: list[Tensor], expected: list[Tensor], oracle: list[Tensor], record: dict) -> float:
-    """vlfuse's error against the baseline's code run in float64, noting the baseline's own error beside it."""
+def _judge_by_float64(
+    got: list[Tensor], expected: list[Tensor], oracle: list[Tensor], record: dict, tol: float
+) -> tuple[float, float]:
+    """(vlfuse's error against the baseline's code run in float64, the error it may have): tol, or HF eager's own
+    error where that is larger (bf16 LayerNorm bias gradients summed over thousands of tokens are off by most of
+    their magnitude in HF's tower too, and two such results differ from each other by as much)."""
     vlfuse_err = max_relative_error(got, oracle)
     eager_err = max_relative_error(expected, oracle)
     record["notes"].append(
@@ -259,7 +264,8 @@ def _judge_by_float64(got: list[Tensor], expected: list[Tensor], oracle: list[Te
         f"{vlfuse_err:.3g} and HF eager by {eager_err:.3g}"
     )
     record["max_err"] = vlfuse_err
-    return vlfuse_err
+    record["tol"] = max(tol, eager_err)
+    return vlfuse_err, record["tol"]
 
 
 def _compile_baseline(
