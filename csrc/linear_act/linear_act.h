@@ -2,12 +2,13 @@
 // parameter block that is the only link between the op front (linear_act.cpp: checks, the GEMM, allocation) and
 // them.
 //
-// The front runs the GEMM without its bias into a block of its own (on the CPU a reused output block, whose
-// pages are already mapped: a fresh block takes a page fault per 4 KiB page on every call, which can cost more
-// than the whole epilogue) and the epilogue adds the bias and applies the activation in one
-// pass over it, where addmm would first copy the broadcast bias into the output and the activation then take
-// one to three passes more. Its backward is the activation's derivative in one pass (linear_act_backward) and
-// two GEMMs.
+// The front runs the GEMM into a block of its own (on the CPU a reused output block, whose pages are already
+// mapped: a fresh block takes a page fault per 4 KiB page on every call, which can cost more than the whole
+// epilogue) and the epilogue applies the activation in one pass over it. A float32 block (float32, or a reduced
+// type on the float32 GEMM route) leaves the bias to the epilogue too, where addmm would first copy the broadcast
+// bias into the output; a GEMM that writes bf16/fp16 takes the bias in its float32 sum (addmm), as nn.Linear
+// does, so that each output is rounded once. Its backward is the activation's derivative in one pass
+// (linear_act_backward) and two GEMMs.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -87,10 +88,10 @@ C10_HOST_DEVICE inline T act_derivative(T x) {
 }
 
 // One epilogue pass over a [rows, cols] block, forward or backward.
-//   forward:  in = the GEMM's output without bias (in_dtype; float32 where the front took the float32 GEMM route
-//             for a reduced type), bias [cols] in the accumulation type or null; writes preact = in + bias when
-//             not null (out_dtype, what the backward reads) and out = act(in + bias) (out_dtype; may be `in`
-//             itself, in place).
+//   forward:  in = the GEMM's output (in_dtype; float32 where the front took the float32 GEMM route for a
+//             reduced type), bias [cols] in the accumulation type or null (null too where the GEMM took the bias
+//             itself); writes preact = in + bias when preact is not null (out_dtype, what the backward reads)
+//             and out = act(in + bias) (out_dtype; may be `in` itself, in place).
 //   backward: in = preact (out_dtype), grad [rows, cols] (out_dtype); writes out = grad * act'(preact).
 // Every block is contiguous rows of `cols` elements.
 struct Params {

@@ -1,7 +1,7 @@
 // CUDA epilogue of linear_act: one pass over the GEMM's [rows, cols] output. Each thread takes N consecutive
 // elements of a row (a 16-byte pack of the output type when the row length and every pointer allow, else one),
 // in a grid-stride loop over the block; the bias comes in the accumulation type. The GEMM itself is cuBLAS's
-// (at::mm_out in the front).
+// (at::mm_out in the front; at::addmm_out with the bias for bf16/fp16, which then reaches this pass as null).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>

@@ -1,6 +1,7 @@
-"""A Linear and its activation as one op: the GEMM without its bias, then one pass that adds the bias and applies
-the activation (csrc/linear_act). The vision MLP's first Linear (fc1 + quick-GELU / tanh-GELU, Qwen2.5-VL's
-gate_proj + SiLU) and the attention's qkv projection (act="none": the bias alone) go through it.
+"""A Linear and its activation as one op: the GEMM, then one pass that adds the bias and applies the activation
+(csrc/linear_act; a GEMM that writes bf16/fp16 takes the bias itself, as nn.Linear's addmm, so each output is
+rounded once). The vision MLP's first Linear (fc1 + quick-GELU / tanh-GELU, Qwen2.5-VL's gate_proj + SiLU) and the
+attention's qkv projection (act="none": the bias alone) go through it.
 
 Argument checks live in the C++ op (csrc/linear_act/linear_act.cpp); the fake kernels below repeat them (same
 conditions and messages), so torch.compile reports a bad call as eager does.
