@@ -157,12 +157,14 @@ def part_breakdown(call: Callable[[], object]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in parts.items()}
 
 
-def _forward_backward(tower: Callable[[Tensor], Tensor], params: list, pixel_values: Tensor) -> None:
-    """One training step's tower work: forward, backward of an all-ones output gradient, fresh parameter grads."""
+def _forward_backward(tower: Callable[[Tensor], Tensor], params: list, pixel_values: Tensor) -> Tensor:
+    """One training step's tower work: forward, backward of an all-ones output gradient, fresh parameter grads;
+    returns the output."""
     for p in params:
         p.grad = None
     out = tower(pixel_values)
     out.backward(torch.ones_like(out))
+    return out
 
 
 def compile_hf_tower(device: torch.device, dtype: torch.dtype) -> bool:
@@ -203,22 +205,18 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
     def hf_vision_tower(pixel_values):
         return hf_tower(pixel_values, grid_thw=grid_thw).pooler_output
 
-    def patched_forward():
+    def patched_tower(pixel_values):
         return patched(pixel_values, grid_thw=grid_thw).pooler_output
 
     def patched_call():
         if not backward:
             with torch.no_grad():
-                return patched_forward()
-        for p in patched.parameters():
-            p.grad = None
-        out = patched_forward()
-        out.backward(torch.ones_like(out))
-        return out
+                return patched_tower(pixel_values)
+        return _forward_backward(patched_tower, list(patched.parameters()), pixel_values)
 
     with torch.no_grad():
         expected = hf_vision_tower(pixel_values)
-        err = float((patched_forward() - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
+        err = float((patched_tower(pixel_values) - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
     if not err <= 4.0 * math.sqrt(depth) * (2e-5 if case.dtype == torch.float32 else 2.0**-6):
         raise RuntimeError(f"vlfuse.bench: the patched HF tower is off HF's by {err:.3g}")
 
