@@ -50,4 +50,12 @@ TORCH_LIBRARY(vlfuse, m) {
   m.def("linear_act(Tensor x, Tensor weight, Tensor? bias, str act, bool keep_preact) -> (Tensor, Tensor)");
   // grad_out * act'(preact): the gradient through the activation (the Linear's own are GEMMs, in Python).
   m.def("linear_act_backward(Tensor grad_out, Tensor preact, str act) -> Tensor");
+
+  // ---- attention within packed segments (csrc/attention) ---------------------------------------------------
+  // q, k, v [heads, tokens, head_dim] (unit stride over head_dim); groups: (first token, segment count, segment
+  // length) per run of equal-length segments, flattened, tiling [0, tokens); each token attends within its
+  // segment. -> out [tokens, heads * head_dim], logsumexp [heads, tokens] float32 (of scale * q.k over the segment).
+  m.def("segment_attention(Tensor q, Tensor k, Tensor v, SymInt[] groups, float scale) -> (Tensor, Tensor)");
+  // Gradients of segment_attention: grad_out [tokens, heads * head_dim] -> (grad_q, grad_k, grad_v) [heads, tokens, head_dim].
+  m.def("segment_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor logsumexp, SymInt[] groups, float scale) -> (Tensor, Tensor, Tensor)");
 }

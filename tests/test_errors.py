@@ -15,6 +15,7 @@ from vlfuse import ops
 F = ops.vision_rope_freqs(16)
 POS = ops.vision_positions(torch.tensor([[1, 2, 2]]))  # 4 tokens
 QKV = torch.randn(4, 3 * 2 * 16)
+QH = torch.randn(2, 4, 16)  # [heads, tokens, head_dim]
 Q = torch.randn(4, 2, 16)
 K = torch.randn(4, 1, 16)
 COS = torch.randn(4, 16)
@@ -134,6 +135,15 @@ CASES = [
     ("interp_pos_embed grid odd", lambda: ops.interp_pos_embed(TABLE, torch.tensor([[1, 2, 3]])), ValueError, ["grid_thw row 0", "merge_size = 2"]),
     ("interp_pos_embed grid negative", lambda: ops.interp_pos_embed(TABLE, torch.tensor([[-1, 2, 2]])), ValueError, ["grid_thw row 0", "negative"]),
     ("interp_pos_embed grid tokens", lambda: ops.interp_pos_embed(TABLE, GRID, tokens=4), ValueError, ["tokens = 4", "describes 8 tokens"]),
+    # ---- segment_attention ----
+    ("segment_attention groups cover", lambda: ops.segment_attention(QH, QH, QH, ((0, 1, 5),)), ValueError, ["groups cover 5 tokens", "q has 4"]),
+    ("segment_attention groups start", lambda: ops.segment_attention(QH, QH, QH, ((0, 1, 2), (3, 1, 1))), ValueError, ["groups[1] = (3, 1, 1)", "previous run ends (token 2)"]),
+    ("segment_attention groups length", lambda: ops.segment_attention(QH, QH, QH, ((0, 1, 0), (0, 1, 4))), ValueError, ["groups[0]", "length >= 1"]),
+    ("segment_attention k dtype", lambda: ops.segment_attention(QH, QH.half(), QH, ((0, 1, 4),)), TypeError, ["k has dtype Half", "q has Float"]),
+    ("segment_attention v shape", lambda: ops.segment_attention(QH, QH, QH[:, :3], ((0, 1, 4),)), ValueError, ["v must have q's shape [2, 4, 16]", "[2, 3, 16]"]),
+    ("segment_attention 2-D q", lambda: ops.segment_attention(QH[0], QH[0], QH[0], ((0, 1, 4),)), ValueError, ["q must be 3-D [heads, tokens, head_dim]"]),
+    ("segment_attention int q", lambda: ops.segment_attention(QH.int(), QH.int(), QH.int(), ((0, 1, 4),)), TypeError, ["q must be float32", "got Int"]),
+    ("segment_attention scale", lambda: ops.segment_attention(QH, QH, QH, ((0, 1, 4),), float("inf")), ValueError, ["scale must be finite", "inf"]),
     # ---- linear_act ----
     ("linear_act act", lambda: ops.linear_act(X, LIN_W, LIN_B, "relu"), ValueError, ["act must be one of", "'quick_gelu'", "got 'relu'"]),
     ("linear_act int x", lambda: ops.linear_act(X.long(), LIN_W), TypeError, ["x", "float32"]),
@@ -185,6 +195,8 @@ def test_device_mix_is_rejected():
         ops.linear_act(X.cuda(), LIN_W)
     with pytest.raises(RuntimeError, match="bias is on cpu but x is on cuda"):
         ops.linear_act(X.cuda(), LIN_W.cuda(), LIN_B)
+    with pytest.raises(RuntimeError, match="k is on cpu but q is on cuda"):
+        ops.segment_attention(QH.cuda(), QH, QH, ((0, 1, 4),))
 
 
 def test_nan_and_inf_propagate():
@@ -229,7 +241,8 @@ def test_fake_kernel_raises_the_eager_error(call, exc, words):
 
 
 COMPILED_CASES = ["rope_qkv layout", "rope k dtype", "rope_cos_sin sin rows", "patchify height 30", "patch_embed K mismatch",
-                  "merge2x2 norm", "merge2x2 grid shape", "interp_pos_embed table not square", "linear_act in_features"]
+                  "merge2x2 norm", "merge2x2 grid shape", "interp_pos_embed table not square", "linear_act in_features",
+                  "segment_attention groups cover"]
 
 
 @pytest.mark.parametrize("case", COMPILED_CASES)

@@ -45,6 +45,8 @@ def _cases():
         ("patch_embed", ops.patch_embed, [patches, embed_w], [0, 1]),
         ("interp_pos_embed", lambda t, g, b: ops.interp_pos_embed(t, g, 2, b), [table, grid, bias], [0, 2]),
         ("linear_act", lambda a, w, b: ops.linear_act(a, w, b, "quick_gelu"), [x, embed_w[:, :C], bias[:5]], [0, 1, 2]),
+        ("segment_attention", lambda a, b, c: ops.segment_attention(a, b, c, ((0, 2, S // 2),)),
+         [x.T.reshape(2, S, -1), x.T.reshape(2, S, -1).flip(1), x.T.reshape(2, S, -1) * 0.5], [0, 1, 2]),
     ]
 
 

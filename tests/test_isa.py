@@ -24,7 +24,7 @@ CAP = {"DEFAULT": "default", "AVX2": "avx2", "AVX512": "avx512"}
 # inductor test gives NaN under ATEN_CPU_CAPABILITY=avx2 while its aot_eager twin is exact.
 KERNEL_TESTS = (
     "test_rope.py", "test_merge.py", "test_patchify.py", "test_pos_embed.py", "test_linear_act.py", "test_large.py",
-    "test_fuzz.py",
+    "test_fuzz.py", "test_attention.py",
 )
 HERE = Path(__file__).resolve().parent
 

@@ -266,3 +266,26 @@ def linear_act(x: Tensor, weight: Tensor, bias: Tensor | None = None, act: str =
     if bias is not None:
         out = out + bias.to(acc)
     return activation(out, act).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention within packed segments
+# ----------------------------------------------------------------------------------------------------------
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, groups, scale: float | None = None) -> Tensor:
+    """softmax(scale * q k^T) v over each segment alone, in float32 (float64 for float64), rounded once.
+
+    q, k, v: [H, S, D]; groups: ((first token, segment count, segment length), ...) tiling [0, S);
+    returns [S, H * D] in q's dtype."""
+    H, S, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    acc = _acc(q.dtype)
+    out = []
+    for start, count, length in groups:
+        for seg in range(count):
+            lo = start + seg * length
+            qs, ks, vs = (t[:, lo : lo + length].to(acc) for t in (q, k, v))
+            weights = torch.softmax(qs @ ks.transpose(1, 2) * scale, dim=-1)
+            out.append((weights @ vs).transpose(0, 1).reshape(length, H * D))
+    return (torch.cat(out) if out else q.new_zeros(0, H * D, dtype=acc)).to(q.dtype)

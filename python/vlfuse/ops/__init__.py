@@ -1,6 +1,7 @@
 """Public vlfuse operators. Each submodule holds one op family: the typed function users call (shapes
 documented on it), its fake kernel for torch.compile, and its autograd registration."""
 
+from .attention import sdpa_segment_attention, segment_attention
 from .linear_act import linear_act
 from .merge import merge2x2
 from .patchify import CLIP_MEAN, CLIP_STD, embed_frames, patch_embed, patchify, smart_resize
@@ -23,4 +24,6 @@ __all__ = [
     "merge2x2",
     "interp_pos_embed",
     "linear_act",
+    "segment_attention",
+    "sdpa_segment_attention",
 ]
