@@ -12,6 +12,7 @@ import vlfuse.patch
 from vlfuse.models.vision_plan import VisionPlan
 from vlfuse.models.vision_tower import VisionTower
 from vlfuse.nn.attention import SegmentLayout, segment_attention
+from vlfuse.ops import sdpa_segment_attention
 
 transformers = pytest.importorskip("transformers")
 
@@ -145,14 +146,15 @@ def test_plan_groups_equal_lengths_and_needs_no_mask(monkeypatch):
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     q, k, v = torch.randn(3, 2, plan.tokens, 8).unbind(0)
-    out = segment_attention(q, k, v, plan.full)
+    out = sdpa_segment_attention(q, k, v, plan.full.groups)
     assert [c[0] for c in calls] == [(1, 2, 96, 8), (2, 2, 24, 8), (3, 2, 16, 8), (1, 2, 12, 8)]
-    assert all(not args and not kwargs for _, args, kwargs in calls)  # no mask
+    assert all(not args and kwargs.get("attn_mask") is None for _, args, kwargs in calls)  # no mask
     expected = torch.cat(
         [sdpa(q[:, s:e], k[:, s:e], v[:, s:e]).transpose(0, 1).reshape(e - s, 16)
          for s, e in [(0, 96), (96, 120), (120, 144), (144, 160), (160, 176), (176, 192), (192, 204)]]
     )  # fmt: skip
     torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(segment_attention(q, k, v, plan.full), expected)
 
 
 def test_segment_layout_from_cu_seqlens():

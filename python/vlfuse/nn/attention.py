@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from . import backends
 
 __all__ = ["RotaryAttention2D", "SegmentLayout", "segment_attention"]
@@ -60,37 +60,18 @@ def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: SegmentLayout |
     segments: a SegmentLayout, or cu_seqlens [segments + 1] (0, ..., S) read once on the host
     returns:  [S, H * D]
 
-    Each run of equal-length segments is one SDPA call over a view of q, k and v ([count, H, length, D]): no
-    S x S mask, no gather, and sum(length^2) scores in all. Lay equal lengths out next to each other (the vision
-    tower's plan does) and there is one call per distinct length.
+    ``vlfuse.ops.segment_attention``: the vlfuse kernel on CPU, SDPA per run of equal-length segments on CUDA;
+    no S x S mask, sum(length^2) scores in all. Lay equal lengths out next to each other (the vision tower's plan
+    does) and there is one run per distinct length.
     """
+    return _segment_attention(q, k, v, segments, ops.segment_attention)
+
+
+def _segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: SegmentLayout | Tensor, attend) -> Tensor:
     layout = segments if isinstance(segments, SegmentLayout) else SegmentLayout.from_cu_seqlens(segments)
-    H, S, D = q.shape
-    if layout.tokens != S:
-        raise ValueError(f"segment_attention: the segments cover {layout.tokens} tokens but q has {S}")
-    if len(layout.groups) == 1:
-        start, count, length = layout.groups[0]
-        out = F.scaled_dot_product_attention(*(t.view(H, count, length, D).transpose(0, 1) for t in (q, k, v)))
-        return out.transpose(1, 2).reshape(S, H * D)
-    if layout.groups and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        # autograd of writes into one buffer would clone the whole output gradient once per run, and of slices of
-        # q, k, v would fill a zero [H, S, D] gradient per run and add them up; split and cat take one pass each
-        sizes = [count * length for _, count, length in layout.groups]
-        outs = [
-            F.scaled_dot_product_attention(*(t.view(H, count, length, D).transpose(0, 1) for t in run))
-            .transpose(1, 2)
-            .reshape(count * length, H * D)
-            for (_, count, length), *run in zip(layout.groups, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1))
-        ]
-        return torch.cat(outs)
-    # each run's [count, H, length, D] result is copied once, straight to its rows (no second pass to concatenate)
-    result = q.new_empty(S, H * D)
-    for start, count, length in layout.groups:
-        end = start + count * length
-        qs, ks, vs = (t[:, start:end].view(H, count, length, D).transpose(0, 1) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs)
-        result[start:end].view(count, length, H, D).copy_(out.transpose(1, 2))
-    return result
+    if layout.tokens != q.shape[1]:
+        raise ValueError(f"segment_attention: the segments cover {layout.tokens} tokens but q has {q.shape[1]}")
+    return attend(q, k, v, layout.groups)
 
 
 class RotaryAttention2D(nn.Module):
@@ -125,7 +106,7 @@ class RotaryAttention2D(nn.Module):
         """The attention output before ``proj`` ([S, dim]), for callers that fold proj into something else."""
         qkv = self.ops.linear_act(x, self.qkv.weight, self.qkv.bias)
         q, k, v = self.ops.rope_qkv(qkv, positions, freqs, self.num_heads, out_layout="hsd")
-        return segment_attention(q, k, v, segments)
+        return _segment_attention(q, k, v, segments, self.ops.segment_attention)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"

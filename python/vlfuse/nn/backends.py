@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import ops, reference
+from ..ops.attention import sdpa_segment_attention
 
 __all__ = ["BACKENDS", "Backend", "get"]
 
@@ -35,6 +36,7 @@ class Backend:
     vision_positions: Callable[[Tensor, int], Tensor]
     vision_rope_freqs: Callable[..., Tensor]
     linear_act: Callable[..., Tensor]
+    segment_attention: Callable[..., Tensor]
 
 
 def _op(name: str) -> Callable[..., Tensor]:
@@ -155,6 +157,7 @@ _TABLE = {
         vision_positions=_op("vision_positions"),
         vision_rope_freqs=_op("vision_rope_freqs"),
         linear_act=_op("linear_act"),
+        segment_attention=_op("segment_attention"),
     ),
     "eager": Backend(
         name="eager",
@@ -167,6 +170,7 @@ _TABLE = {
         vision_positions=_eager_vision_positions,
         vision_rope_freqs=_eager_vision_rope_freqs,
         linear_act=reference.linear_act,
+        segment_attention=sdpa_segment_attention,
     ),
 }
 
