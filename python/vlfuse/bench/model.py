@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import ops
 from .core import FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
 from .workloads import LLM_WIDTH, VISION, WORKLOADS, grid_tensor, hf_qwen2_vl, hf_vision_config, tokens
 
@@ -40,14 +41,15 @@ def tower_gemms(count: int, depth: int, llm_width: int) -> list[tuple[int, int, 
     return [(count, VISION.patch_dim, e)] + per_block * depth + [(merged, hidden, hidden), (merged, hidden, llm_width)]
 
 
-def _floor(make_calls: Callable[[], list[tuple[Callable[..., Tensor], tuple[Tensor, ...]]]], backward: bool):
+def _floor(make_calls: Callable[[], list[tuple[Callable[..., Tensor], tuple]]], backward: bool):
     """One call of every (function, operands) pair; with backward, each one's gradients too (the operands
     require grad, a fixed all-ones output gradient): the time of just those kernels, nothing around them."""
     calls = make_calls()
     if backward:
         for _, operands in calls:
             for t in operands:
-                t.requires_grad_(True)
+                if isinstance(t, Tensor):
+                    t.requires_grad_(True)
 
     def run() -> None:
         for fn, operands in calls:
@@ -81,17 +83,23 @@ def _linear_into(x: Tensor, weight: Tensor, out: Tensor) -> Tensor:
     return torch.mm(x, weight.t(), out=out)
 
 
-def _plain_attention(plan, depth: int, device, dtype, backward: bool = False) -> Callable[[], None]:
-    """The tower's SDPA calls alone: one per run of equal-length segments in every block (what the vlfuse tower
-    issues), on fresh [count, H, length, D] operands."""
+def _plain_attention(plan, depth: int, device, dtype, backward: bool = False, sdpa: bool = False) -> Callable[[], None]:
+    """The tower's attention calls alone on fresh operands: one ``vlfuse.ops.segment_attention`` per block over
+    [H, S, D] (what the vlfuse tower issues), or with sdpa, one SDPA call per run of equal-length segments per
+    block over [count, H, length, D] (what the tower issued before it had its own CPU kernel)."""
     heads, head_dim = VISION.num_heads, VISION.head_dim
 
     def make():
-        per_block = [
-            tuple(torch.randn(count, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
-            for _, count, length in plan.full.groups
-        ]
-        return [(torch.nn.functional.scaled_dot_product_attention, qkv) for _ in range(depth) for qkv in per_block]
+        if sdpa:
+            per_block = [
+                (torch.nn.functional.scaled_dot_product_attention,
+                 tuple(torch.randn(count, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3)))
+                for _, count, length in plan.full.groups
+            ]  # fmt: skip
+        else:
+            qkv = tuple(torch.randn(heads, plan.tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
+            per_block = [(ops.segment_attention, (*qkv, plan.full.groups))]
+        return [call for _ in range(depth) for call in per_block]
 
     return _floor(make, backward)
 
@@ -106,7 +114,8 @@ def _attention_flops(grid, depth: int) -> float:
 OP_KINDS = {
     "GEMMs": ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
               "aten::cudnn_convolution", "aten::convolution_backward"),
-    "attention (SDPA kernels)": (
+    "attention": (
+        "vlfuse::segment_attention", "vlfuse::segment_attention_backward",
         "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
         "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
         "aten::_scaled_dot_product_attention_math", "aten::_efficient_attention_forward",
@@ -265,11 +274,13 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
         tol_scale=4.0 * math.sqrt(depth) * (4.0 if backward else 1.0),
         compile=compile_hf_tower(device, case.dtype),
         note=(f"vision tower: {depth} of {VISION.depth} blocks (real width); " if depth < VISION.depth
-              else "") + "limit = the tower's GEMMs alone; 'SDPA alone' = its attention calls alone (floor = both)",
+              else "") + "limit = the tower's GEMMs alone; 'attention alone' = its attention calls alone (floor = both); "
+        "'SDPA alone' = the same attention through torch's SDPA",
         profile=profile,
         extras={
             "HF + vlfuse.patch": patched_call,
-            "SDPA alone": _plain_attention(plan, depth, device, case.dtype, backward),
+            "attention alone": _plain_attention(plan, depth, device, case.dtype, backward),
+            "SDPA alone": _plain_attention(plan, depth, device, case.dtype, backward, sdpa=True),
         },
     )
 
