@@ -445,6 +445,21 @@ def postshuffle(x, grid, weight, bias, norm="layernorm", order="merge", m=2, imp
     return impl.merge2x2(x, grid, weight, bias, norm=norm, order=order, merge_size=m, postshuffle_norm=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_postshuffle_float32_weights_of_reduced_tokens(dtype):
+    """The CPU kernel keeps the post-shuffle tables in the tokens' type only when that is exact: float32 weights
+    that the type cannot hold are used as they are, not rounded."""
+    grid = make_grid(list(BLOCK_GRIDS.values())[0], 2)
+    x, weight, bias = make_postshuffle_inputs(grid, torch.float32, "cpu")
+    x = x.to(dtype)
+    weight, bias = weight + 1e-3, bias + 1e-3  # not representable in bf16/fp16
+    got = postshuffle(x, grid, weight, bias)
+    want = postshuffle(x, grid, weight, bias, impl=ref)
+    rounded = postshuffle(x, grid, weight.to(dtype).float(), bias.to(dtype).float(), impl=ref)
+    torch.testing.assert_close(got, want, **tol(dtype, scale=4))
+    assert (got.float() - want.float()).abs().max() < (rounded.float() - want.float()).abs().max()
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("blocks", list(BLOCK_GRIDS.values()), ids=list(BLOCK_GRIDS))

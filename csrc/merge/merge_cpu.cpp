@@ -109,6 +109,13 @@ struct Row {
     }
   }
 
+  // Loads n elements of a table kept in the tokens' own reduced type: the lane order a token's load gives.
+  template <typename N>
+    requires IO::kReduced
+  static inline void load_table(const scalar_t* p, N n, fVec* v) {
+    load(p, n, v);
+  }
+
   // A [segments * C] table in BlockIO's lane order, each [C] segment on its own (a token's blocks start at its
   // first channel): the table itself where that is the natural order, else a copy kept in `storage`. Null
   // stays null.
@@ -237,8 +244,9 @@ struct Row {
 
   // Normalizes token x [C] into y [C] with statistics mean, rstd (weight and bias [C] in block order, bias may
   // be null); prefetches the token read next, next_x.
-  static VLFUSE_ROW_INLINE void normalize_token(const scalar_t* x, scalar_t* y, const acc_t* weight,
-                                                const acc_t* bias, int64_t C, acc_t mean, acc_t rstd,
+  template <typename table_t>
+  static VLFUSE_ROW_INLINE void normalize_token(const scalar_t* x, scalar_t* y, const table_t* weight,
+                                                const table_t* bias, int64_t C, acc_t mean, acc_t rstd,
                                                 const scalar_t* next_x, bool stream) {
     const fVec mv(mean), rv(rstd);
     for_blocks(C, [&](int64_t i, auto n, auto) VLFUSE_ROW_INLINE_LAMBDA {
@@ -396,6 +404,30 @@ void forward_impl(const Params& p) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), (rows + grain - 1) / grain);
   const bool stream =
       cpu::prefer_streaming_stores(2 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)), threads);
+  // The post-shuffle norm's tables are [mm * C]: in float32 (36 KiB for 4 x 1152, weight and bias) they no
+  // longer fit a 32 KiB L1 beside the window they normalize. Where every value is exact in the tokens' reduced
+  // type (weights that come in bf16/fp16, as models ship them) they are kept in that type, half the bytes.
+  std::vector<scalar_t> reduced_storage;
+  const scalar_t* reduced_weight = nullptr;
+  const scalar_t* reduced_bias = nullptr;
+  if constexpr (R::IO::kReduced) {
+    if (p.postshuffle) {
+      const auto* w = static_cast<const acc_t*>(p.weight);
+      const auto* b = static_cast<const acc_t*>(p.bias);
+      const int64_t n = mm * C;
+      reduced_storage.resize(b != nullptr ? 2 * n : n);
+      bool exact = true;
+      for (int64_t i = 0; i < static_cast<int64_t>(reduced_storage.size()); ++i) {
+        const acc_t value = i < n ? w[i] : b[i - n];
+        reduced_storage[i] = static_cast<scalar_t>(value);
+        exact = exact && static_cast<acc_t>(reduced_storage[i]) == value;
+      }
+      if (exact) {
+        reduced_weight = reduced_storage.data();
+        reduced_bias = b != nullptr ? reduced_storage.data() + n : nullptr;
+      }
+    }
+  }
 
   // One walk per norm kind (kPostshuffle): each parallel body holds one row loop, small enough for the
   // compiler to keep inlining the row passes into it (with both, they went out of line and the per-token
@@ -416,8 +448,15 @@ void forward_impl(const Params& p) {
           R::stats(window.data(), mm, C, p.norm, p.eps, mean, rstd);
           for (int64_t k = 0; k < mm; ++k) {
             // Slot k's pass prefetches the next row's slot k: the tokens that row's statistics pass reads.
-            R::normalize_token(window[k], y + k * C, weight + k * C, bias != nullptr ? bias + k * C : nullptr, C,
-                               mean, rstd, x + next_win.token(k) * p.x_stride, stream);
+            const scalar_t* next_x = x + next_win.token(k) * p.x_stride;
+            if (reduced_weight != nullptr) {
+              R::normalize_token(window[k], y + k * C, reduced_weight + k * C,
+                                 reduced_bias != nullptr ? reduced_bias + k * C : nullptr, C, mean, rstd, next_x,
+                                 stream);
+            } else {
+              R::normalize_token(window[k], y + k * C, weight + k * C, bias != nullptr ? bias + k * C : nullptr, C,
+                                 mean, rstd, next_x, stream);
+            }
           }
           if (mean_out != nullptr) {
             mean_out[r] = mean;
