@@ -87,6 +87,9 @@ def _grads_worker(rank: int, world: int, port: int, strategy: str, batches: list
             grads[name] = grad.detach().clone()
         if rank == 0:
             torch.save(grads, out)
+        # gloo aborts a rank ("terminate called without an active exception") now and then when it tears its
+        # process group down while the other rank is still in a collective: both leave together
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
