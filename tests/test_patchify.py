@@ -123,6 +123,100 @@ def test_patch_embed_row_addend_matches_reference_and_qwen3_embedding(dtype):
     assert_gemm_close(out, expected)
 
 
+# Rows as HF's processors emit them: an image repeats its frame Tp times, and so does an odd video's last pair.
+# Items: a 128-row image; a 2-frame video (64 rows of distinct frames); an 8-row image; a 3-frame video (64 rows of
+# distinct frames, then 64 of its repeated last frame); a 96-row image. patch_embed folds the Tp taps for runs of
+# >= 32 equal-frame rows: rows [0, 128) and [264, 424). The 8-row image is too short a run to fold.
+FOLDED_ROWS = (slice(0, 128), slice(264, 424))
+UNFOLDED_ROWS = slice(128, 264)
+
+
+def processor_rows(dtype=torch.float32) -> torch.Tensor:
+    frames = [
+        random_frames(1, 112, 224, seed=1),
+        random_frames(2, 112, 112, seed=2),
+        random_frames(1, 28, 56, seed=3),
+        random_frames(3, 112, 112, seed=4),
+        random_frames(1, 168, 112, seed=5),
+    ]
+    rows, _ = patchify(frames, patch_size=P, temporal_patch_size=TP, merge_size=M, out_dtype=dtype)
+    assert rows.shape[0] == 424
+    return rows
+
+
+@pytest.mark.parametrize("dtype", FLOATS + [torch.float64])
+def test_patch_embed_equal_frames_fold_matches_reference_and_hf(dtype):
+    """Rows of equal frames take the folded GEMM; its result stays within a GEMM's rounding of the unfolded one (and
+    of HF's Conv3d, within 1e-5 in float32); its rounding error is at most twice HF's own."""
+    rows = processor_rows()
+    weight = random_weight(48, dtype)
+    bias = torch.randn(48).to(dtype)
+    out = patch_embed(rows, weight, bias)
+    expected = ref.patch_embed(rows, weight, bias)
+    assert_gemm_close(out, expected)
+    if dtype != torch.float64:
+        with torch.no_grad():
+            hf = hf_patch_embed(weight)
+            hf.proj.bias = torch.nn.Parameter(bias.clone())
+            hf_out = hf(rows)
+        assert_gemm_close(out, hf_out)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, hf_out, rtol=1e-5, atol=1e-5 * float(hf_out.abs().max()))
+        exact = rows.to(dtype).double() @ weight.double().reshape(48, -1).t() + bias.double()
+        for sel in FOLDED_ROWS:
+            err = (out[sel].double() - exact[sel]).abs().max()
+            assert err <= 2 * (hf_out[sel].double() - exact[sel]).abs().max() + 1e-12
+
+
+def test_patch_embed_folds_runs_of_equal_frames_only():
+    """In bf16 the folded weight's rounding shows: the runs of equal-frame rows equal the folded GEMM exactly and
+    differ from the unfolded one, the other rows (distinct frames, and a run too short to fold) the reverse."""
+    dtype = torch.bfloat16
+    rows = processor_rows(dtype)
+    weight = random_weight(64, dtype)
+    bias = torch.randn(64).to(dtype)
+    out = patch_embed(rows, weight, bias)
+    flat = weight.reshape(64, -1)
+    for sel in FOLDED_ROWS:
+        assert torch.equal(out[sel], torch.addmm(bias, *folded_operands(rows[sel], weight)))
+        assert not torch.equal(out[sel], torch.addmm(bias, rows[sel], flat.t()))
+    assert torch.equal(out[UNFOLDED_ROWS], torch.addmm(bias, rows[UNFOLDED_ROWS], flat.t()))
+    assert not torch.equal(out[UNFOLDED_ROWS], torch.addmm(bias, *folded_operands(rows[UNFOLDED_ROWS], weight)))
+
+
+def folded_operands(rows: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_0 and (W_0 + ... + W_{Tp-1})^T: each row's first frame and the taps summed in float32, rounded once."""
+    e, c, tp = weight.shape[:3]
+    first = rows.reshape(rows.shape[0], c, tp, -1)[:, :, 0].reshape(rows.shape[0], -1)
+    return first, weight.float().sum(2).to(weight.dtype).reshape(e, -1).t()
+
+
+def test_patch_embed_fold_keeps_float16_taps_whose_sum_overflows():
+    """float16 taps that add past 65504 would fold to inf; patch_embed keeps the unfolded GEMM, whose float32
+    accumulation holds the sum."""
+    rows = processor_rows() / 16
+    weight = random_weight(8, torch.float32)
+    weight[0, 0, :, 0, 0] = 40000.0  # one pixel's two taps: 80000 folded, while the outputs stay near 10000
+    weight = weight.to(torch.float16)
+    out = patch_embed(rows, weight)
+    assert torch.isfinite(out).all()
+    assert_gemm_close(out, ref.patch_embed(rows, weight))
+
+
+def test_patch_embed_equal_frames_backward_matches_hf():
+    """The fold is a forward shortcut: gradients of equal-frame rows reach both taps as HF's Conv3d sends them."""
+    rows = processor_rows()
+    weight = random_weight(16, torch.float32)
+    grad = torch.randn(rows.shape[0], 16)
+    hf = hf_patch_embed(weight)
+    x_hf = rows.clone().requires_grad_()
+    hf(x_hf).backward(grad)
+    x, w = rows.clone().requires_grad_(), weight.clone().requires_grad_()
+    patch_embed(x, w).backward(grad)
+    torch.testing.assert_close(x.grad, x_hf.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, hf.proj.weight.grad, rtol=1e-5, atol=1e-4)
+
+
 def test_patch_embed_gradcheck():
     c, tp, p, e, n = 3, 2, 2, 5, 7
     patches = torch.randn(n, c * tp * p * p, dtype=torch.float64, requires_grad=True)

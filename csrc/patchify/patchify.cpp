@@ -1,15 +1,20 @@
 // Temporal patchify ops: argument checks (the only ones; the Python wrappers add none), output allocation, the
-// hand-off of patchify::Params blocks to the CPU or CUDA packing kernel, and the patch-embedding GEMM.
+// hand-off of patchify::Params blocks to the CPU or CUDA packing kernel, and the patch-embedding GEMM (on the CPU,
+// with the Conv3d's temporal taps folded into one for rows whose frames are equal).
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_memory.h"
 #include "common/dispatch.h"
 #include "patchify/patchify.h"
 
 VLFUSE_DECLARE_CPU_KERNEL(patchify_cpu_kernel, const ::vlfuse::patchify::Params&)
+VLFUSE_DECLARE_CPU_KERNEL(equal_frames_cpu_kernel, const ::vlfuse::patchify::EqualFramesParams&)
+VLFUSE_DECLARE_CPU_KERNEL(folded_weight_cpu_kernel, const ::vlfuse::patchify::FoldedWeightParams&)
 
 namespace vlfuse::patchify {
 
@@ -147,6 +152,65 @@ Tensor flat_weight(const char* op, const Tensor& weight, const Tensor& patches) 
   return weight.reshape({embed, k});
 }
 
+// out = x . w^T (+ b), into out's rows. On a CPU without a native GEMM for x's reduced type, the same rounded
+// inputs go through float32 sgemm and are rounded once at the end.
+void gemm_rows(Tensor out, const Tensor& x, const Tensor& w, const Tensor& b) {
+  if (x.is_cpu() && !cpu::gemm_is_native(x.scalar_type())) {
+    const Tensor x32 = x.to(at::kFloat), w32 = w.to(at::kFloat);
+    out.copy_(b.defined() ? at::addmm(b.to(at::kFloat), x32, w32.t()) : at::mm(x32, w32.t()));
+  } else if (b.defined()) {
+    at::addmm_out(out, b, x, w.t());
+  } else {
+    at::mm_out(out, x, w.t());
+  }
+}
+
+// Rows [begin, end) of patch_embed's input that share one GEMM; folded: their Tp frames are equal.
+struct RowRun {
+  int64_t begin, end;
+  bool folded;
+};
+
+// Fewer equal rows than this in a row are left in the full GEMM: a small extra GEMM call costs more than it saves.
+constexpr int64_t kMinFoldedRows = 32;
+
+// Splits rows into runs of equal-frame rows (at least kMinFoldedRows long) and runs of the others.
+std::vector<RowRun> row_runs(const uint8_t* equal, int64_t count) {
+  std::vector<RowRun> runs;
+  for (int64_t begin = 0; begin < count;) {
+    int64_t end = begin + 1;
+    while (end < count && equal[end] == equal[begin]) {
+      ++end;
+    }
+    const bool folded = equal[begin] != 0 && end - begin >= kMinFoldedRows;
+    if (!runs.empty() && !runs.back().folded && !folded) {
+      runs.back().end = end;
+    } else {
+      runs.push_back({begin, end, folded});
+    }
+    begin = end;
+  }
+  return runs;
+}
+
+// The [E, C * P * P] weight of rows with equal frames: the Conv3d weight [E, C, Tp, P, P] summed over Tp; undefined
+// where a sum is not finite in the weight's type.
+Tensor folded_weight(const Tensor& weight) {
+  const Tensor w = weight.contiguous();
+  Tensor out = cpu::empty_output({w.size(0), w.size(1) * w.size(3) * w.size(4)}, w.options());
+  FoldedWeightParams p;
+  p.weight = w.data_ptr();
+  p.out = out.data_ptr();
+  p.rows = w.size(0) * w.size(1);
+  p.temporal = w.size(2);
+  p.plane = w.size(3) * w.size(4);
+  p.dtype = static_cast<int8_t>(w.scalar_type());
+  bool not_finite = false;
+  p.not_finite = &not_finite;
+  VLFUSE_CPU_KERNEL(folded_weight_cpu_kernel)(p);
+  return not_finite ? Tensor() : out;
+}
+
 Tensor patch_embed(const Tensor& patches, const Tensor& weight, const c10::optional<Tensor>& bias) {
   const char* op = "patch_embed";
   check_float_tensor(patches, op, "patches");
@@ -164,11 +228,47 @@ Tensor patch_embed(const Tensor& patches, const Tensor& weight, const c10::optio
                        op, "bias must be [E] = [", w.size(0), "] or one row per patch [N, E] = [", patches.size(0),
                        ", ", w.size(0), "], got shape ", b.sizes());
   }
-  if (patches.is_cpu() && !cpu::gemm_is_native(dtype)) {
-    const Tensor x32 = x.to(at::kFloat), w32 = w.to(at::kFloat);
-    return (b.defined() ? at::addmm(b.to(at::kFloat), x32, w32.t()) : at::mm(x32, w32.t())).to(dtype);
+  const int64_t rows = x.size(0), embed = w.size(0);
+  Tensor out = cpu::empty_output({rows, embed}, x.options());
+  // Equal frames are looked for on the CPU only: on CUDA, choosing the GEMMs from the data would need a
+  // device-to-host read, which breaks stream order and CUDA graphs.
+  const bool may_fold = x.is_cpu() && weight.dim() == 5 && weight.size(2) > 1 && rows >= kMinFoldedRows &&
+                        x.stride(1) == 1 && embed > 0;
+  if (!may_fold) {
+    gemm_rows(out, x, w, b);
+    return out;
   }
-  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+  EqualFramesParams p;
+  p.rows = x.data_ptr();
+  p.row_stride = x.stride(0);
+  p.count = rows;
+  p.channels = weight.size(1);
+  p.temporal = weight.size(2);
+  p.plane = weight.size(3) * weight.size(4);
+  p.elem_size = static_cast<int64_t>(x.element_size());
+  // Rows found unequal are left unwritten, and never read.
+  Tensor first_frames = cpu::empty_output({rows, p.channels * p.plane}, x.options());
+  std::vector<uint8_t> equal(rows);
+  p.first_frames = first_frames.data_ptr();
+  p.equal = equal.data();
+  VLFUSE_CPU_KERNEL(equal_frames_cpu_kernel)(p);
+  const std::vector<RowRun> runs = row_runs(equal.data(), rows);
+  const bool any_folded = std::any_of(runs.begin(), runs.end(), [](const RowRun& r) { return r.folded; });
+  const Tensor folded_w = any_folded ? folded_weight(weight) : Tensor();
+  if (!folded_w.defined()) {
+    gemm_rows(out, x, w, b);
+    return out;
+  }
+  for (const RowRun& run : runs) {
+    const int64_t n = run.end - run.begin;
+    const Tensor b_rows = b.defined() && b.dim() == 2 ? b.narrow(0, run.begin, n) : b;
+    if (run.folded) {
+      gemm_rows(out.narrow(0, run.begin, n), first_frames.narrow(0, run.begin, n), folded_w, b_rows);
+    } else {
+      gemm_rows(out.narrow(0, run.begin, n), x.narrow(0, run.begin, n), w, b_rows);
+    }
+  }
+  return out;
 }
 
 }  // namespace

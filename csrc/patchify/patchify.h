@@ -97,6 +97,36 @@ struct Params {
   }
 };
 
+// patch_embed's CPU look at its input rows: a row whose Tp frames are bitwise equal (an image, which HF's processors
+// repeat to Tp frames, or the repeated last frame of an odd video) has x . W = x_0 . (W_0 + ... + W_{Tp-1}), so its
+// GEMM can run over C * P * P values instead of C * Tp * P * P. Rows are [count, C * Tp * plane] of any element type
+// (compared as bytes), each one contiguous.
+struct EqualFramesParams {
+  const void* rows = nullptr;
+  int64_t row_stride = 0;  // in elements
+  int64_t count = 0;
+  int64_t channels = 0;
+  int64_t temporal = 0;
+  int64_t plane = 0;  // P * P
+  int64_t elem_size = 0;
+  void* first_frames = nullptr;  // [count, C * plane] contiguous: frame 0 of each row found equal, the rest untouched
+  uint8_t* equal = nullptr;      // [count]: 1 where the row's frames are equal
+};
+
+// The Conv3d weight those rows take: out[r, :] = sum over t of weight[r, t, :], for r over E * C, summed in the
+// accumulation type and rounded once. weight [E * C, Tp, plane] and out [E * C, plane] contiguous. A sum that is
+// not finite (a float16 weight whose taps add past 65504, or a weight holding inf or NaN) sets *not_finite: the
+// rows then keep the unfolded GEMM, whose float32 accumulation holds what the rounded sum cannot.
+struct FoldedWeightParams {
+  const void* weight = nullptr;
+  void* out = nullptr;
+  bool* not_finite = nullptr;  // set (atomically) by any thread that meets such a sum; never cleared
+  int64_t rows = 0;
+  int64_t temporal = 0;
+  int64_t plane = 0;
+  int8_t dtype = 0;
+};
+
 // Index of the item holding patch n of the launch, searching forward from item `from`.
 C10_HOST_DEVICE inline int item_of(const Params& p, int64_t n, int from) {
   int i = from;

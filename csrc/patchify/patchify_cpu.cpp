@@ -7,6 +7,10 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -103,6 +107,87 @@ void patchify_cpu_kernel(const Params& p) {
     using in_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "vlfuse.patchify.out",
                                     [&] { patchify_impl<in_t, scalar_t>(p); });
+  });
+}
+
+void equal_frames_cpu_kernel(const patchify::EqualFramesParams& p) {
+  const int64_t plane_bytes = p.plane * p.elem_size;
+  const int64_t row_bytes = p.row_stride * p.elem_size;
+  const int64_t first_bytes = p.channels * plane_bytes;
+  const auto* rows = static_cast<const char*>(p.rows);
+  auto* first = static_cast<char*>(p.first_frames);
+  // A row of distinct frames usually differs in its first bytes, so memcmp returns at once: the look costs a full
+  // read only of the rows that then save half their GEMM.
+  at::parallel_for(0, p.count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const char* row = rows + n * row_bytes;
+      bool equal = true;
+      for (int64_t c = 0; c < p.channels && equal; ++c) {
+        const char* frame0 = row + c * p.temporal * plane_bytes;
+        for (int64_t t = 1; t < p.temporal && equal; ++t) {
+          equal = std::memcmp(frame0, frame0 + t * plane_bytes, plane_bytes) == 0;
+        }
+      }
+      p.equal[n] = equal ? 1 : 0;
+      if (equal) {
+        for (int64_t c = 0; c < p.channels; ++c) {
+          std::memcpy(first + n * first_bytes + c * plane_bytes, row + c * p.temporal * plane_bytes, plane_bytes);
+        }
+      }
+    }
+  });
+}
+
+namespace {
+
+// Whether |v[i]| <= bound for all i < n; false where any v[i] is NaN.
+template <typename T>
+bool all_within(const T* v, int64_t n, T bound) {
+  using Vec = Vectorized<T>;
+  const Vec bound_v(bound);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    if ((Vec::loadu(v + i).abs() <= bound_v).zero_mask() != 0) {
+      return false;
+    }
+  }
+  for (; i < n; ++i) {
+    if (!(std::abs(v[i]) <= bound)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+void folded_weight_cpu_kernel(const patchify::FoldedWeightParams& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, static_cast<at::ScalarType>(p.dtype),
+                                  "vlfuse.patch_embed.folded_weight", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto* weight = static_cast<const scalar_t*>(p.weight);
+    auto* out = static_cast<scalar_t*>(p.out);
+    // A sum rounds to a finite value where its magnitude is at most the type's largest (NaN fails the test too).
+    const acc_t largest = static_cast<acc_t>(std::numeric_limits<scalar_t>::max());
+    at::parallel_for(0, p.rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sum(p.plane), tap(p.plane);
+      bool finite = true;
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* taps = weight + r * p.temporal * p.plane;
+        at::vec::convert(taps, sum.data(), p.plane);
+        for (int64_t t = 1; t < p.temporal; ++t) {
+          at::vec::convert(taps + t * p.plane, tap.data(), p.plane);
+          for (int64_t i = 0; i < p.plane; ++i) {
+            sum[i] += tap[i];
+          }
+        }
+        finite = finite && all_within(sum.data(), p.plane, largest);
+        at::vec::convert(sum.data(), out + r * p.plane, p.plane);
+      }
+      if (!finite) {
+        std::atomic_ref<bool>(*p.not_finite).store(true, std::memory_order_relaxed);
+      }
+    });
   });
 }
 

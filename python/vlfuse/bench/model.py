@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import ops
 from .core import FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
-from .workloads import LLM_WIDTH, VISION, WORKLOADS, grid_tensor, hf_qwen2_vl, hf_vision_config, tokens
+from .workloads import LLM_WIDTH, VISION, WORKLOADS, grid_tensor, hf_qwen2_vl, hf_vision_config, pixel_rows, tokens
 
 TOWER_TARGET = {
     torch.float32: Target(speedup_eager=1.15, speedup_compile=1.0),
@@ -202,7 +202,7 @@ def build_vision_tower(case: Case, device: torch.device) -> Setup:
     patched = hf.Qwen2VisionTransformerPretrainedModel(hf_config).to(device=device, dtype=case.dtype).eval()
     patched.load_state_dict(hf_tower.state_dict())
     patch_qwen2_vl(patched)
-    pixel_values = torch.randn(count, VISION.patch_dim, device=device, dtype=torch.float32)
+    pixel_values = pixel_rows(grid, VISION.in_channels, VISION.temporal_patch_size, VISION.patch_size, device)
     # HF's towers take the grid on the model's device (their rotary tables meet it there); the vlfuse tower plans
     # from the host grid a data loader hands over, which spares it a device-to-host copy
     grid_thw = grid_tensor(grid, device)
@@ -296,7 +296,7 @@ def build_long_video(case: Case, device: torch.device) -> Setup:
     torch.manual_seed(0)
     hf_config = hf_vision_config(depth=depth, llm_width=LLM_WIDTH["2B"])
     tower = VisionTower.from_hf(hf.Qwen2VisionTransformerPretrainedModel(hf_config)).to(device, case.dtype).eval()
-    pixel_values = torch.randn(tokens(grid), VISION.patch_dim, device=device, dtype=torch.float32)
+    pixel_values = pixel_rows(grid, VISION.in_channels, VISION.temporal_patch_size, VISION.patch_size, device)
     grid_thw = grid_tensor(grid, device).cpu()
     return Setup(
         args=(pixel_values,),
@@ -326,7 +326,8 @@ def build_train_step(case: Case, device: torch.device) -> Setup:
     rows = [torch.randint(0, 256, (text_tokens,)).tolist() + span for _ in range(batch)]
     input_ids = torch.tensor(rows, device=device)
     grid_thw = torch.tensor([[1, side, side]] * batch, device=device)
-    pixel_values = torch.randn(batch * side * side, vision.patch_dim, device=device, dtype=torch.float32)
+    pixel_values = pixel_rows(((1, side, side),) * batch, vision.in_channels, vision.temporal_patch_size,
+                              vision.patch_size, device)
 
     def vlfuse_step(pixel_values):
         return model(input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw, labels=input_ids).loss

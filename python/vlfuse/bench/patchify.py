@@ -2,7 +2,9 @@
 same size, the floor an embedding that is mathematically one GEMM can reach; embed_frames (uint8 frames to
 embeddings) against HF's image/video processor patchify (no resize: the frames are already 448 x 448) + PatchEmbed.
 
-The patches come as the processor emits them, float32 rows of C*Tp*P*P; the weight's dtype is the case's dtype
+The patches come as the processor emits them, float32 rows of C*Tp*P*P in which an image repeats its frame Tp
+times (so patch_embed folds the Conv3d's temporal taps: its GEMM is half the limit's) and a video's frames differ;
+the weight's dtype is the case's dtype
 (HF casts the patches to it before the Conv3d, vlfuse in the same pass as the GEMM). The fwd+bwd pass trains the
 embedding: gradients reach the weight, not the pixels.
 """
@@ -14,7 +16,7 @@ import copy
 import torch
 
 from .core import FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
-from .workloads import VISION, WORKLOADS, hf_qwen2_vl, tokens, vlfuse_op
+from .workloads import VISION, WORKLOADS, hf_qwen2_vl, pixel_rows, tokens, vlfuse_op
 
 # issue 3: within 1.15x of the plain GEMM everywhere, >= 10x HF eager in bf16
 TARGET = {torch.float32: Target(pct_of_limit=100 / 1.15), torch.bfloat16: Target(speedup_eager=10.0, pct_of_limit=100 / 1.15)}
@@ -31,7 +33,7 @@ def build_patch_embed(case: Case, device: torch.device) -> Setup:
         embed_dim=VISION.embed_dim,
     ).to(device=device, dtype=case.dtype)
     weight = hf_embed.proj.weight.detach().clone().requires_grad_(True)
-    patches = torch.randn(count, VISION.patch_dim, device=device, dtype=torch.float32)
+    patches = pixel_rows(case.param("grid"), VISION.in_channels, VISION.temporal_patch_size, VISION.patch_size, device)
 
     def vlfuse_embed(patches):
         return patch_embed(patches, weight)

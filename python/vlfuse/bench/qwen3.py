@@ -4,7 +4,8 @@ table, deepstack mergers) against transformers' own Qwen3-VL code:
 - patch embed + position table: HF's Conv3d PatchEmbed plus its bilinear resampling of the table
   (``get_vision_interpolation_indices_and_weights`` and a weighted embedding sum) against vlfuse's
   ``interp_pos_embed`` rows fed to ``patch_embed`` as its added term (one GEMM, as the vision tower runs it),
-  beside a plain GEMM of the same size;
+  beside a plain GEMM of the same size; the rows are laid out as HF's processors emit them, so image rows repeat
+  their frame (and patch_embed folds the Conv3d's temporal taps) while the video row's frames differ;
 - rotary at head_dim 72: HF's axial cos/sin, qkv split and ``apply_rotary_pos_emb_vision`` against ``rope_qkv``;
 - post-shuffle merge: the deepstack mergers' ``LayerNorm(x.view(-1, 4C))`` against ``merge2x2(...,
   postshuffle_norm=True)``;
@@ -21,7 +22,7 @@ import torch
 from .core import FWD, FWD_BWD, GEMM, Case, Setup, Target, Unavailable
 from .merge import build_merge2x2
 from .rope import build_rope_qkv
-from .workloads import grid_tensor, tokens, vlfuse_op
+from .workloads import grid_tensor, pixel_rows, tokens, vlfuse_op
 
 PATCH, MERGE, SIDE = 16, 2, 48
 WIDTH, HEADS, HEAD_DIM = 1152, 16, 72
@@ -31,6 +32,7 @@ GRIDS = {  # patch grids (t, h, w) of 16-pixel patches: 448 x 448 is 28 x 28
     "1 image 448x448": ((1, 28, 28),),
     "4 images 448x448": ((1, 28, 28),) * 4,
     "4 images, mixed sizes": ((1, 28, 28), (1, 20, 36), (1, 44, 16), (3, 24, 24)),
+    "video 16f 448x448": ((8, 28, 28),),
 }
 
 PATCH_TARGET = {  # issue 26
@@ -80,6 +82,12 @@ def _hf_position_rows(grid: torch.Tensor):
     return rows
 
 
+FOLD_NOTE = (
+    "image rows repeat their frame, as HF's processors emit them: vlfuse's GEMM runs over the folded temporal taps "
+    "(K / 2), the limit's over all of K"
+)
+
+
 def build_patch_embed_pos(case: Case, device: torch.device) -> Setup:
     hf = hf_qwen3_vl()
     interp_pos_embed, patch_embed = vlfuse_op("interp_pos_embed"), vlfuse_op("patch_embed")
@@ -89,13 +97,12 @@ def build_patch_embed_pos(case: Case, device: torch.device) -> Setup:
     patch_dim = 3 * 2 * PATCH * PATCH
     embed = hf.Qwen3VLVisionPatchEmbed(config).to(device=device, dtype=case.dtype)
     table = torch.nn.Embedding(SIDE * SIDE, WIDTH).to(device=device, dtype=case.dtype)
-    patches = torch.randn(count, patch_dim, device=device, dtype=torch.float32)
-    flat_weight = embed.proj.weight.detach().reshape(WIDTH, -1)
-    bias, rows_table = embed.proj.bias.detach(), table.weight.detach()
+    patches = pixel_rows(case.param("grid"), 3, 2, PATCH, device)
+    weight, bias, rows_table = embed.proj.weight.detach(), embed.proj.bias.detach(), table.weight.detach()
     hf_rows = _hf_position_rows(grid)
 
     def vlfuse_embed(patches):
-        return patch_embed(patches, flat_weight, interp_pos_embed(rows_table, grid, MERGE, bias=bias, tokens=count))
+        return patch_embed(patches, weight, interp_pos_embed(rows_table, grid, MERGE, bias=bias, tokens=count))
 
     def hf_embed(patches):
         x = embed(patches)
@@ -107,7 +114,7 @@ def build_patch_embed_pos(case: Case, device: torch.device) -> Setup:
         return embed64(patches.double()) + hf_rows(table64)
 
     gemm_patches = patches.to(case.dtype)
-    gemm_weight = flat_weight.t().contiguous()
+    gemm_weight = weight.reshape(WIDTH, -1).t().contiguous()
     flops = 2.0 * count * patch_dim * WIDTH
     return Setup(
         args=(patches,),
@@ -121,6 +128,7 @@ def build_patch_embed_pos(case: Case, device: torch.device) -> Setup:
         work=flops,
         flops=flops,
         tol_scale=2.0,
+        note=FOLD_NOTE if any(t == 1 for t, _, _ in case.param("grid")) else "",
     )
 
 
@@ -151,7 +159,7 @@ def build_qwen3_tower(case: Case, device: torch.device) -> Setup:
     patched = hf.Qwen3VLVisionModel(config).to(device=device, dtype=case.dtype).eval()
     patched.load_state_dict(hf_tower.state_dict())
     patch_auto(patched, tower=True)
-    pixel_values = torch.randn(count, 3 * 2 * PATCH * PATCH, device=device, dtype=torch.float32)
+    pixel_values = pixel_rows(grid, 3, 2, PATCH, device)
     grid_thw = grid_tensor(grid, device)  # HF's towers take it on the model's device
     host_grid = grid_thw.cpu()
 
@@ -195,11 +203,13 @@ def build_qwen3_tower(case: Case, device: torch.device) -> Setup:
 def cases() -> list[Case]:
     out = []
     for dtype in (torch.float32, torch.bfloat16):
-        for name in ("1 image 448x448", "4 images 448x448"):
+        for name in ("1 image 448x448", "4 images 448x448", "video 16f 448x448"):
             grid = (("grid", GRIDS[name]),)
             quick = name == "1 image 448x448" and dtype == torch.float32
             out.append(Case("qwen3 patch embed + pos", name, dtype, FWD, build_patch_embed_pos, grid,
                             PATCH_TARGET[dtype], quick))  # fmt: skip
+            if name.startswith("video"):  # the video row times the embedding of distinct frames (no fold)
+                continue
             rope_params = grid + (("model", "qwen3_vl"), ("heads", HEADS), ("head_dim", HEAD_DIM))
             merge_params = grid + (("channels", WIDTH), ("postshuffle", True))
             for mode in (FWD, FWD_BWD):

@@ -38,6 +38,22 @@ def tokens(grid: tuple[tuple[int, int, int], ...]) -> int:
     return sum(t * h * w for t, h, w in grid)
 
 
+def pixel_rows(
+    grid: tuple[tuple[int, int, int], ...], channels: int, temporal: int, patch: int, device: torch.device
+) -> torch.Tensor:
+    """Random float32 patch rows [tokens, C * Tp * P * P] laid out as HF's processors emit them: an item with t = 1
+    is an image, its one frame repeated Tp times in every row; an item with t > 1 is a video of distinct frames."""
+    plane, rows = patch * patch, []
+    for t, h, w in grid:
+        n = t * h * w
+        if t == 1:
+            frame = torch.randn(n, channels, 1, plane)
+            rows.append(frame.expand(n, channels, temporal, plane).reshape(n, -1))
+        else:
+            rows.append(torch.randn(n, channels * temporal * plane))
+    return torch.cat(rows).to(device)
+
+
 def grid_tensor(grid: tuple[tuple[int, int, int], ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(grid, dtype=torch.int64, device=device).reshape(-1, 3)
 

@@ -45,6 +45,12 @@ def patch_embed(patches: Tensor, weight: Tensor, bias: Tensor | None = None) -> 
     bias:    [E], or one row per patch [N, E] (the GEMM's added term: Qwen3-VL's conv bias plus its resampled
              position table, see interp_pos_embed), or None; weight's dtype
     returns  [N, E] in weight's dtype. Differentiable w.r.t. patches, weight and bias.
+
+    On the CPU, with the 5-D weight, rows whose Tp frames are bitwise equal (an image, which HF's processors repeat
+    to Tp frames, or an odd video's repeated last frame) take a GEMM over the weight's taps summed over Tp: half the
+    work at Tp = 2, for runs of at least 32 such rows. The summed taps are rounded once to the weight's dtype, so in
+    bf16/fp16 those rows carry one more weight rounding than HF's Conv3d (float32: within 1e-5 of it). CUDA runs
+    the whole GEMM: choosing the rows would need a device-to-host read.
     """
     return call_op(torch.ops.vlfuse.patch_embed.default, patches, weight, bias)
 
