@@ -318,15 +318,22 @@ def test_rope_qkv_backward_matches_autograd_through_reference():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "layout", "frames"),
-    [(torch.float32, "hsd", 2), (torch.float32, "shd", 2), (torch.bfloat16, "shd", 2), (torch.bfloat16, "hsd", 4)],
+    ("dtype", "layout", "grid", "head_dim"),
+    [
+        (torch.float32, "hsd", [2, 64, 64], 80),
+        (torch.float32, "shd", [2, 64, 64], 80),
+        (torch.bfloat16, "shd", [2, 64, 64], 80),
+        (torch.bfloat16, "hsd", [4, 64, 64], 80),
+        (torch.float32, "hsd", [2, 62, 66], 72),
+    ],
 )
-def test_rope_qkv_outputs_of_huge_page_size_match_reference(dtype, layout, frames):
-    # 16 x 80 heads and 8192 tokens: q, k, v and grad_qkv are >= 32 MiB each in float32, the size from which the
-    # CPU output cache maps its blocks 2 MiB-aligned with the huge-page hint (csrc/common/cpu_memory.h), and the calls
-    # move more than the last-level cache holds, so they are written with streaming stores
-    # (csrc/rope/rope_cpu.cpp; bf16 [H, S, D], 16384 tokens, by token pairs); values must not depend on either.
-    qkv, pos, freqs, _ = make_qkv([[frames, 64, 64]], dtype, "cpu", heads=16, head_dim=80)
+def test_rope_qkv_outputs_of_huge_page_size_match_reference(dtype, layout, grid, head_dim):
+    # 16 heads and 8192 tokens: q, k, v and grad_qkv are >= 32 MiB each in float32, the size from which the CPU
+    # output cache maps its blocks 2 MiB-aligned with the huge-page hint (csrc/common/cpu_memory.h), and the calls
+    # move more than the last-level cache holds, so they are written with streaming stores (csrc/rope/rope_cpu.cpp;
+    # [H, S, D] head-major by tiles of 16 tokens; the D = 72 case, 8184 tokens, ends in a partial tile); values
+    # must not depend on either.
+    qkv, pos, freqs, _ = make_qkv([grid], dtype, "cpu", heads=16, head_dim=head_dim)
     assert 2 * qkv.numel() * qkv.element_size() >= 64 << 20
     qkv = qkv.requires_grad_()
     got = ops.rope_qkv(qkv, pos, freqs, 16, layout)

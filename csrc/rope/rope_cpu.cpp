@@ -283,11 +283,13 @@ void rope_impl(const Params& p) {
   const bool table_source = p.source == AngleSource::Table;
   int64_t row_elems = 0;
   // Streaming stores pay off only where they fill whole cache lines before the write-combining buffers give them
-  // up: what the walk writes in one go must be a whole number of lines. A token's run (its row of an [H, S, D]
-  // output, or all its heads of an [S, H, D] one) may be; where it is not but two adjacent tokens' runs are (bf16
-  // [H, S, D] at D = 80: 160-byte rows, 320 bytes a pair), the walk takes tokens in pairs, each (tensor, head)
-  // writing both its rows before the next. Streaming half lines is slower than plain stores.
-  bool lines_once = true, lines_paired = true;
+  // up: what the walk writes in one go must be a whole number of lines. An [S, H, D] output is walked token by
+  // token, each writing its run of all heads. [H, S, D] outputs are walked head-major within a tile: each
+  // (tensor, head) writes the tile's kTileTokens rows, one contiguous stretch of its plane (16 rows of D = 72
+  // are 72 whole lines in float32, where one row is 4.5), before the next. Token by token, every token wrote a
+  // few lines into each of 3 * H planes in turn, and the memory saw 3 * H interleaved short streams. Streaming
+  // half lines is slower than plain stores.
+  bool lines_once = true, lines_tiled = true;
   bool in_place = false;
   for (int t = 0; t < p.num_slots; ++t) {
     const rope::TensorSlot& slot = p.slots[t];
@@ -296,14 +298,16 @@ void rope_impl(const Params& p) {
     const int64_t run = slot.out_stride_h == D ? slot.heads * D : D;
     const int64_t bytes = run * static_cast<int64_t>(sizeof(scalar_t));
     lines_once = lines_once && bytes % 64 == 0;
-    // Pairs start on a line only where each [S, D] plane of an [H, S, D] output does.
+    // Tiles start on a line only where each [S, D] plane of an [H, S, D] output does.
     const bool planes_aligned =
         slot.out_stride_h == D || (slot.out_stride_h * static_cast<int64_t>(sizeof(scalar_t))) % 64 == 0;
-    lines_paired = lines_paired && slot.out_stride_s == run && (2 * bytes) % 64 == 0 && planes_aligned;
+    lines_tiled = lines_tiled && slot.out_stride_s == run && (kTileTokens * bytes) % 64 == 0 && planes_aligned;
   }
-  const int64_t step = lines_once || !lines_paired ? 1 : 2;
+  const bool hsd =
+      std::all_of(p.slots, p.slots + p.num_slots, [D](const rope::TensorSlot& slot) { return slot.out_stride_s == D; });
+  const int64_t step = hsd ? kTileTokens : 1;
   // Out of place, every element is read once and written once.
-  const bool stream = !in_place && (lines_once || lines_paired) &&
+  const bool stream = !in_place && (lines_once || (hsd && lines_tiled)) &&
                       cpu::prefer_streaming_stores(2 * p.tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)));
   const int64_t tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_elems * kTileTokens, 1));
@@ -329,7 +333,7 @@ void rope_impl(const Params& p) {
         }
         for (int64_t s = s0; s < s0 + count; s += step) {
           const int64_t together = std::min(step, s0 + count - s);
-          TokenCoeffs<acc_t> coeffs[2];
+          TokenCoeffs<acc_t> coeffs[kTileTokens];
           for (int64_t j = 0; j < together; ++j) {
             const acc_t* c1 = table.data() + (s + j - s0) * half;
             const acc_t* s1 = c1 + stride;
