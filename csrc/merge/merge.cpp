@@ -142,6 +142,14 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2(const Tensor& x_in, const std::optio
   p.rstd = rstd.data_ptr();
   p.weight = w.data_ptr();
   p.bias = b.defined() ? b.data_ptr() : nullptr;
+  const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  Tensor w_reduced, b_reduced;
+  if (reduced && weight.scalar_type() == x.scalar_type() && (!b.defined() || bias->scalar_type() == x.scalar_type())) {
+    w_reduced = weight.contiguous();
+    b_reduced = b.defined() ? bias->contiguous() : Tensor();
+    p.weight_reduced = w_reduced.data_ptr();
+    p.bias_reduced = b_reduced.defined() ? b_reduced.data_ptr() : nullptr;
+  }
   if (S > 0) {
     run_kernel(op, x, VLFUSE_CPU_KERNEL(merge_forward_cpu_kernel), VLFUSE_CUDA_KERNEL(merge_forward_cuda), p);
   }

@@ -406,12 +406,16 @@ void forward_impl(const Params& p) {
       cpu::prefer_streaming_stores(2 * p.tokens * C * static_cast<int64_t>(sizeof(scalar_t)), threads);
   // The post-shuffle norm's tables are [mm * C]: in float32 (36 KiB for 4 x 1152, weight and bias) they no
   // longer fit a 32 KiB L1 beside the window they normalize. Where every value is exact in the tokens' reduced
-  // type (weights that come in bf16/fp16, as models ship them) they are kept in that type, half the bytes.
+  // type they are kept in that type, half the bytes: as given, when the weights come in it (as models ship
+  // them), else rounded and checked here.
   std::vector<scalar_t> reduced_storage;
   const scalar_t* reduced_weight = nullptr;
   const scalar_t* reduced_bias = nullptr;
   if constexpr (R::IO::kReduced) {
-    if (p.postshuffle) {
+    if (p.postshuffle && p.weight_reduced != nullptr) {
+      reduced_weight = static_cast<const scalar_t*>(p.weight_reduced);
+      reduced_bias = static_cast<const scalar_t*>(p.bias_reduced);
+    } else if (p.postshuffle) {
       const auto* w = static_cast<const acc_t*>(p.weight);
       const auto* b = static_cast<const acc_t*>(p.bias);
       const int64_t n = mm * C;
