@@ -19,21 +19,22 @@ def test_cpu_kernels_are_built_with_openmp_like_torch():
     assert vlfuse.build_info()["cpu_openmp"] is True
 
 
-@pytest.mark.parametrize("merge_size", [2, 3])
-def test_results_do_not_depend_on_the_thread_count(merge_size):
-    # The backward's weight and bias gradients sum per-chunk partial sums over a fixed split of the rows, and
-    # its second pass takes tokens in fixed groups that may span rows (m = 3: 9 tokens a row): neither may follow
-    # the threads.
+@pytest.mark.parametrize("merge_size, postshuffle", [(2, False), (3, False), (2, True)])
+def test_results_do_not_depend_on_the_thread_count(merge_size, postshuffle):
+    # The backward's weight and bias gradients sum per-chunk partial sums over a fixed split of the rows (chunks
+    # of >= 2^18 values of x: 3 to 5 of them here), and its second pass takes tokens in fixed groups that may span
+    # rows (m = 3: 9 tokens a row): neither may follow the threads.
     torch.manual_seed(0)
-    side = 20 if merge_size == 2 else 21
+    side = 60 if merge_size == 2 else 63
     x = torch.randn(3 * side * side, 96)
     grid = torch.tensor([[3, side, side]])
-    weight, bias = torch.randn(96), torch.randn(96)
+    params = 96 * merge_size**2 if postshuffle else 96
+    weight, bias = torch.randn(params), torch.randn(params)
     grad = torch.randn(x.shape[0] // merge_size**2, merge_size**2 * 96)
 
     def run():
         leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
-        out = merge2x2(leaves[0], grid, leaves[1], leaves[2], merge_size=merge_size)
+        out = merge2x2(leaves[0], grid, leaves[1], leaves[2], merge_size=merge_size, postshuffle_norm=postshuffle)
         out.backward(grad)
         return [out.detach()] + [t.grad for t in leaves]
 

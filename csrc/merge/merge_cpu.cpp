@@ -514,8 +514,11 @@ void backward_impl(const Params& p) {
   const acc_t* weight = R::block_order(static_cast<const acc_t*>(p.weight), C, segments, weight_storage);
   const bool want_w = p.grad_weight != nullptr, want_b = p.grad_bias != nullptr;
   // A fixed split into at most 32 chunks (not one per thread), so the partial sums, and hence the weight and
-  // bias gradients, do not depend on the thread count.
-  const int64_t rows_per_chunk = std::max<int64_t>((rows + 31) / 32, std::max<int64_t>(1, 16384 / (mm * C)));
+  // bias gradients, do not depend on the thread count. A chunk takes at least kChunkValues values of x: its
+  // [2, P] partial sums are then a small part of its work (with postshuffle, P is a whole merged row), where
+  // chunks of a few rows spent more time zeroing and reducing the partial sums than on the rows.
+  constexpr int64_t kChunkValues = int64_t{1} << 18;
+  const int64_t rows_per_chunk = std::max<int64_t>((rows + 31) / 32, std::max<int64_t>(1, kChunkValues / (mm * C)));
   const int64_t chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   // Each chunk's [2, P] partial sums (weight, bias; in block order) are zeroed by the thread that fills them.
   std::unique_ptr<acc_t[]> partial(want_w || want_b ? new acc_t[chunks * 2 * P] : nullptr);
@@ -637,14 +640,17 @@ void backward_impl(const Params& p) {
       continue;
     }
     acc_t* sum = cpu::BlockIO<scalar_t>::kPermuted ? total.data() : outs[which];
-    for (int64_t c = 0; c < P; c += W) {
-      const int64_t n = std::min<int64_t>(W, P - c);
-      fVec acc(acc_t(0));
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        acc = acc + fVec::loadu(partial.get() + (chunk * 2 + which) * P + c, n);
+    // Each column sums its chunks in chunk order, whichever thread takes it.
+    at::parallel_for(0, (P + W - 1) / W, 64, [&](int64_t block_begin, int64_t block_end) {
+      for (int64_t c = block_begin * W; c < std::min(P, block_end * W); c += W) {
+        const int64_t n = std::min<int64_t>(W, P - c);
+        fVec acc(acc_t(0));
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          acc = acc + fVec::loadu(partial.get() + (chunk * 2 + which) * P + c, n);
+        }
+        acc.store(sum + c, n);
       }
-      acc.store(sum + c, n);
-    }
+    });
     if (cpu::BlockIO<scalar_t>::kPermuted) {
       for (int64_t s = 0; s < segments; ++s) {
         cpu::reorder_blocks<scalar_t>(total.data() + s * C, C, outs[which] + s * C, /*to_block=*/false);
