@@ -1,6 +1,7 @@
 // CPU packing kernel. Compiled once per ISA (see CMakeLists.txt); parallel over patches, one pass over the
 // frames: every patch row of P pixels is loaded, converted and normalized with vector instructions, and each
-// finished patch is converted to the output dtype in one contiguous vector pass.
+// finished patch is converted to the output dtype in one contiguous vector pass. Below it, patch_embed's two
+// helpers for rows of equal frames: the look at its input rows, and the weight summed over its temporal taps.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
