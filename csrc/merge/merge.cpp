@@ -144,7 +144,8 @@ std::tuple<Tensor, Tensor, Tensor> merge2x2(const Tensor& x_in, const std::optio
   p.bias = b.defined() ? b.data_ptr() : nullptr;
   const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
   Tensor w_reduced, b_reduced;
-  if (reduced && weight.scalar_type() == x.scalar_type() && (!b.defined() || bias->scalar_type() == x.scalar_type())) {
+  if (postshuffle_norm && reduced && weight.scalar_type() == x.scalar_type() &&
+      (!b.defined() || bias->scalar_type() == x.scalar_type())) {
     w_reduced = weight.contiguous();
     b_reduced = b.defined() ? bias->contiguous() : Tensor();
     p.weight_reduced = w_reduced.data_ptr();

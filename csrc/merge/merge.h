@@ -132,8 +132,8 @@ struct Params {
   // inputs); bias null when absent.
   const void* weight = nullptr;
   const void* bias = nullptr;
-  // The same weight and bias as given, when they come in x's own bfloat16/float16 type (bias absent or in it
-  // too): the CPU post-shuffle norm reads its tables in that type. Null otherwise.
+  // With postshuffle: the same weight and bias as given, when they come in x's own bfloat16/float16 type (bias
+  // absent or in it too), for the CPU kernel, which reads its tables in that type. Null otherwise.
   const void* weight_reduced = nullptr;
   const void* bias_reduced = nullptr;
   int64_t tokens = 0;
