@@ -152,12 +152,17 @@ Tensor flat_weight(const char* op, const Tensor& weight, const Tensor& patches) 
   return weight.reshape({embed, k});
 }
 
-// out = x . w^T (+ b), into out's rows. On a CPU without a native GEMM for x's reduced type, the same rounded
-// inputs go through float32 sgemm and are rounded once at the end.
+// The type the GEMM runs in: on a CPU without a native GEMM for a reduced type, the same rounded inputs go
+// through float32 sgemm and are rounded once at the end.
+at::ScalarType gemm_type(const Tensor& x) {
+  return x.is_cpu() && !cpu::gemm_is_native(x.scalar_type()) ? at::kFloat : x.scalar_type();
+}
+
+// out = x . w^T (+ b), into out's rows; w already in gemm_type(x) (converted once per call, not per run).
 void gemm_rows(Tensor out, const Tensor& x, const Tensor& w, const Tensor& b) {
-  if (x.is_cpu() && !cpu::gemm_is_native(x.scalar_type())) {
-    const Tensor x32 = x.to(at::kFloat), w32 = w.to(at::kFloat);
-    out.copy_(b.defined() ? at::addmm(b.to(at::kFloat), x32, w32.t()) : at::mm(x32, w32.t()));
+  if (w.scalar_type() != x.scalar_type()) {
+    const Tensor x32 = x.to(w.scalar_type());
+    out.copy_(b.defined() ? at::addmm(b.to(w.scalar_type()), x32, w.t()) : at::mm(x32, w.t()));
   } else if (b.defined()) {
     at::addmm_out(out, b, x, w.t());
   } else {
@@ -229,13 +234,14 @@ Tensor patch_embed(const Tensor& patches, const Tensor& weight, const c10::optio
                        ", ", w.size(0), "], got shape ", b.sizes());
   }
   const int64_t rows = x.size(0), embed = w.size(0);
+  const auto gemm_dtype = gemm_type(x);
   Tensor out = cpu::empty_output({rows, embed}, x.options());
   // Equal frames are looked for on the CPU only: on CUDA, choosing the GEMMs from the data would need a
   // device-to-host read, which breaks stream order and CUDA graphs.
   const bool may_fold = x.is_cpu() && weight.dim() == 5 && weight.size(2) > 1 && rows >= kMinFoldedRows &&
                         x.stride(1) == 1 && embed > 0;
   if (!may_fold) {
-    gemm_rows(out, x, w, b);
+    gemm_rows(out, x, w.to(gemm_dtype), b);
     return out;
   }
   EqualFramesParams p;
@@ -254,18 +260,20 @@ Tensor patch_embed(const Tensor& patches, const Tensor& weight, const c10::optio
   VLFUSE_CPU_KERNEL(equal_frames_cpu_kernel)(p);
   const std::vector<RowRun> runs = row_runs(equal.data(), rows);
   const bool any_folded = std::any_of(runs.begin(), runs.end(), [](const RowRun& r) { return r.folded; });
-  const Tensor folded_w = any_folded ? folded_weight(weight) : Tensor();
-  if (!folded_w.defined()) {
-    gemm_rows(out, x, w, b);
+  const Tensor folded = any_folded ? folded_weight(weight) : Tensor();
+  const Tensor w_gemm = w.to(gemm_dtype);
+  if (!folded.defined()) {
+    gemm_rows(out, x, w_gemm, b);
     return out;
   }
+  const Tensor folded_w = folded.to(gemm_dtype);
   for (const RowRun& run : runs) {
     const int64_t n = run.end - run.begin;
     const Tensor b_rows = b.defined() && b.dim() == 2 ? b.narrow(0, run.begin, n) : b;
     if (run.folded) {
       gemm_rows(out.narrow(0, run.begin, n), first_frames.narrow(0, run.begin, n), folded_w, b_rows);
     } else {
-      gemm_rows(out.narrow(0, run.begin, n), x.narrow(0, run.begin, n), w, b_rows);
+      gemm_rows(out.narrow(0, run.begin, n), x.narrow(0, run.begin, n), w_gemm, b_rows);
     }
   }
   return out;
