@@ -6,10 +6,12 @@
 TORCH_LIBRARY(vlfuse, m) {
   // ---- rotary embedding (csrc/rope) --------------------------------------------------------------------
   // Splits the packed qkv projection [S, 3*H*D], rotates q and k by angles sum_a pos[s, a] * freqs[a, i],
-  // writes q, k, v as [S, H, D] ("shd") or [H, S, D] ("hsd").
-  m.def("rope_qkv(Tensor qkv, Tensor positions, Tensor freqs, int num_heads, str out_layout) -> (Tensor, Tensor, Tensor)");
-  // Gradient of rope_qkv with respect to qkv: the inverse rotation of grad_q and grad_k, packed with grad_v.
-  m.def("rope_qkv_backward(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor positions, Tensor freqs, str out_layout) -> Tensor");
+  // writes q, k as [S, H, D] ("shd") or [H, S, D] ("hsd"). v is not an output: it is qkv's v block, which
+  // vlfuse.ops.rope_qkv hands out as a view (an op may not return a view of its input).
+  m.def("rope_qkv(Tensor qkv, Tensor positions, Tensor freqs, int num_heads, str out_layout) -> (Tensor, Tensor)");
+  // Gradient with respect to qkv of rope_qkv and the v view: the inverse rotation of grad_q and grad_k, packed
+  // with grad_v (zeros where None).
+  m.def("rope_qkv_backward(Tensor grad_q, Tensor grad_k, Tensor? grad_v, Tensor positions, Tensor freqs, str out_layout) -> Tensor");
   // q [S, Hq, D], k [S, Hk, D]; inverse=True rotates by the negated angle (the backward).
   m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor freqs, bool inverse=False) -> (Tensor, Tensor)");
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor freqs, bool inverse=False) -> ()");

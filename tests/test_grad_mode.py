@@ -51,6 +51,13 @@ def _cases():
 
 
 CASES = _cases()
+# Public functions that record themselves with a Function of their own in both modes (rope_qkv: its v is a view
+# of qkv, which no op may return; see vlfuse._native). That Function is in torch.func's form in both modes.
+SELF_RECORDING = {"rope_qkv"}
+
+
+def _plain_raises_under_torch_func(name, recording):
+    return recording == "plain" and name not in SELF_RECORDING
 
 
 @contextlib.contextmanager
@@ -123,9 +130,10 @@ def test_eager_function_matches_the_registered_autograd_kernel(name, fn, args, d
         out, grads = _values_and_grads(fn, args, diff)
     assert all(type(o.grad_fn).__name__.startswith(f"vlfuse_{name.split()[0]}_Function") for o in out)
 
-    with _eager_autograd(False):  # every call goes through torch.ops' Autograd kernel
+    with _eager_autograd(False):  # every call goes through torch.ops' Autograd kernel, or its own Function
         registered_out, registered_grads = _values_and_grads(fn, args, diff)
-    assert all(type(o.grad_fn).__name__.startswith("GeneratedBackwardFor_vlfuse") for o in registered_out)
+    plain_node = f"vlfuse_{name}_Function" if name in SELF_RECORDING else "GeneratedBackwardFor_vlfuse"
+    assert all(type(o.grad_fn).__name__.startswith(plain_node) for o in registered_out)
     for a, b in zip(out + grads, registered_out + registered_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -153,7 +161,7 @@ def test_torch_func_grad_matches_autograd(name, fn, args, diff, recording):
     # torch.func transforms accept only autograd.Functions with a separate setup_context; call_op switches to
     # that form under them (the one-piece eager Function, and torch.library's generated one, raise there).
     cotangents = _cotangents(_outputs(fn(*args)))
-    if recording == "plain":
+    if _plain_raises_under_torch_func(name, recording):
         with pytest.raises(RuntimeError, match="must override the setup_context"):
             torch.func.grad(_loss(fn, cotangents), argnums=tuple(diff))(*args)
         return  # pytorch/pytorch#179652
@@ -170,7 +178,7 @@ def test_torch_func_vmap_of_grad_gives_per_sample_gradients(name, fn, args, diff
     cotangents = _cotangents(_outputs(fn(*args)))
     in_dims = tuple(0 if i == diff[0] else None for i in range(len(args)))
     per_sample_grad = torch.func.vmap(torch.func.grad(_loss(fn, cotangents), argnums=diff[0]), in_dims=in_dims)
-    if recording == "plain":
+    if _plain_raises_under_torch_func(name, recording):
         with pytest.raises(RuntimeError, match="must override the setup_context"):
             per_sample_grad(*batch)
         return  # pytorch/pytorch#179652
@@ -282,7 +290,7 @@ def test_missing_private_api_keeps_the_plain_mode_with_one_warning(monkeypatch):
         with pytest.warns(RuntimeWarning, match="eager autograd recording is off because .* lacks"):
             _native.set_eager_autograd(True)
         assert not _native.eager_autograd_enabled()
-        _, fn, args, diff = CASES[0]
+        _, fn, args, diff = CASES[1]
         out, _ = _values_and_grads(fn, args, diff)
         assert all(type(o.grad_fn).__name__.startswith("GeneratedBackwardFor_vlfuse") for o in out)
         with warnings.catch_warnings():

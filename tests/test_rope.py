@@ -91,8 +91,13 @@ def test_rope_qkv_matches_reference_and_hf(device, dtype, grid, layout):
     q, k, v = ops.rope_qkv(qkv, pos, freqs, HEADS, layout)
     rq, rk, rv = ref.rope_qkv(qkv, pos, freqs, HEADS, layout)
     for got, want in ((q, rq), (k, rk), (v, rv)):
-        assert got.is_contiguous() and got.dtype == dtype
+        assert got.dtype == dtype
         torch.testing.assert_close(got, want, **tol(dtype))
+    assert q.is_contiguous() and k.is_contiguous()
+    # v is qkv's v block, not a copy: HF's split hands out the same view
+    v_shd = v.transpose(0, 1) if layout == "hsd" else v
+    assert v_shd.data_ptr() == qkv[:, 2 * HEADS * HEAD_DIM :].data_ptr()
+    assert v_shd.stride() == (qkv.stride(0), HEAD_DIM, 1)
     hq, hk, hv, _, _ = hf_vision_rotary(g, qkv, HEADS)
     to_shd = (lambda t: t.transpose(0, 1)) if layout == "hsd" else (lambda t: t)
     torch.testing.assert_close(to_shd(q), hq, **tol(dtype))
@@ -172,7 +177,6 @@ def test_rope_qkv_head_dims_and_token_tiles(device, dtype, head_dim, layout):
     freqs = torch.rand(axes, head_dim // 2, device=device)
     t = rope_tol(dtype, ref.rope_angles(pos, freqs).abs().max().item())
     for got, want in zip(ops.rope_qkv(qkv, pos, freqs, heads, layout), ref.rope_qkv(qkv, pos, freqs, heads, layout)):
-        assert got.is_contiguous()
         torch.testing.assert_close(got, want, **t)
     grads = [torch.randn(got.shape, device=device).to(dtype) for got in ref.rope_qkv(qkv, pos, freqs, heads, layout)]
     got = torch.ops.vlfuse.rope_qkv_backward(*grads, pos, freqs, layout)
@@ -317,6 +321,36 @@ def test_rope_qkv_backward_matches_autograd_through_reference():
     torch.testing.assert_close(qkv.grad, want.grad, **tol(torch.float32))
 
 
+@pytest.mark.parametrize("layout", ["shd", "hsd"])
+def test_rope_qkv_records_q_k_and_the_v_view_as_one_node(layout):
+    # v is a view of qkv: the public function records the op and the view as one node, whose backward packs the
+    # three gradients in one pass; the bare op (q and k only) and the backward op without grad_v leave the v block
+    # of the gradient zero.
+    qkv, pos, freqs, _ = make_qkv(GRIDS["image_and_video"], torch.float64, "cpu")
+    qkv = qkv.detach().requires_grad_()
+    q, k, v = ops.rope_qkv(qkv, pos, freqs, HEADS, layout)
+    assert q.grad_fn is k.grad_fn is v.grad_fn
+    grad_v = torch.randn_like(v)
+    v.backward(grad_v)
+    v_block = qkv.grad.unflatten(1, (3, HEADS, HEAD_DIM))
+    to_shd = (lambda t: t.transpose(0, 1)) if layout == "hsd" else (lambda t: t)
+    torch.testing.assert_close(v_block[:, 2], to_shd(grad_v), rtol=0, atol=0)
+    assert not v_block[:, :2].any()
+
+    qkv.grad = None
+    bare_q, bare_k = torch.ops.vlfuse.rope_qkv(qkv, pos, freqs, HEADS, layout)
+    torch.testing.assert_close((bare_q, bare_k), (q, k), rtol=0, atol=0)
+    (bare_q.sum() + bare_k.sum()).backward()
+    want = qkv.detach().requires_grad_()
+    q2, k2, _ = ref.rope_qkv(want, pos, freqs, HEADS, layout)
+    (q2.sum() + k2.sum()).backward()
+    torch.testing.assert_close(qkv.grad, want.grad)
+    assert not qkv.grad.unflatten(1, (3, HEADS, HEAD_DIM))[:, 2].any()
+
+    packed = torch.ops.vlfuse.rope_qkv_backward(torch.ones_like(q), torch.ones_like(k), None, pos, freqs, layout)
+    torch.testing.assert_close(packed, qkv.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     ("dtype", "layout", "grid", "head_dim"),
     [
@@ -328,7 +362,7 @@ def test_rope_qkv_backward_matches_autograd_through_reference():
     ],
 )
 def test_rope_qkv_outputs_of_huge_page_size_match_reference(dtype, layout, grid, head_dim):
-    # 16 heads and 8192 tokens: q, k, v and grad_qkv are >= 32 MiB each in float32, the size from which the CPU
+    # 16 heads and 8192 tokens: q, k and grad_qkv are >= 32 MiB each in float32, the size from which the CPU
     # output cache maps its blocks 2 MiB-aligned with the huge-page hint (csrc/common/cpu_memory.h), and the calls
     # move more than the last-level cache holds, so they are written with streaming stores (csrc/rope/rope_cpu.cpp;
     # [H, S, D] head-major by tiles of 16 tokens; the D = 72 case, 8184 tokens, ends in a partial tile); values
@@ -357,6 +391,7 @@ def _opcheck_samples(device):
         ("rope_qkv", (qkv.requires_grad_(), pos, freqs, HEADS, "hsd")),
         ("rope_qkv", (qkv.detach(), pos, freqs.requires_grad_(), HEADS, "shd")),
         ("rope_qkv_backward", (g, g.clone(), g.clone(), pos, freqs.detach(), "shd")),
+        ("rope_qkv_backward", (g.transpose(0, 1), g.transpose(0, 1), None, pos, freqs.detach(), "hsd")),
         ("rope", (q.requires_grad_(), k.requires_grad_(), pos, freqs.detach(), False)),
         ("rope", (q.detach(), k.detach(), pos, freqs.detach(), True)),
         ("rope_", (q.detach().clone(), k.detach().clone(), pos, freqs.detach(), False)),
@@ -382,3 +417,8 @@ def test_compile_fullgraph_no_graph_break():
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(qkv, pos, freqs, cos), f(qkv, pos, freqs, cos))
+    # recorded for autograd: rope_qkv's own Function (q, k and the v view) traced whole, gradients as in eager
+    leaves = [qkv.detach().clone().requires_grad_() for _ in range(2)]
+    compiled(leaves[0], pos, freqs, cos).backward()
+    f(leaves[1], pos, freqs, cos).backward()
+    torch.testing.assert_close(leaves[0].grad, leaves[1].grad)

@@ -3,6 +3,8 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <optional>
+
 #include "common/dispatch.h"
 #include "common/cpu_memory.h"
 #include "rope/rope.h"
@@ -105,7 +107,7 @@ bool parse_layout(const char* op, c10::string_view layout) {
   return layout == "hsd";
 }
 
-std::tuple<Tensor, Tensor, Tensor> rope_qkv(const Tensor& qkv_in, const Tensor& positions, const Tensor& freqs,
+std::tuple<Tensor, Tensor> rope_qkv(const Tensor& qkv_in, const Tensor& positions, const Tensor& freqs,
                                             int64_t num_heads, c10::string_view out_layout) {
   const char* op = "rope_qkv";
   const bool hsd = parse_layout(op, out_layout);
@@ -127,23 +129,22 @@ std::tuple<Tensor, Tensor, Tensor> rope_qkv(const Tensor& qkv_in, const Tensor& 
   auto shape = hsd ? std::vector<int64_t>{num_heads, S, head_dim} : std::vector<int64_t>{S, num_heads, head_dim};
   Tensor q = cpu::empty_output(shape, qkv.options());
   Tensor k = cpu::empty_output(shape, qkv.options());
-  Tensor v = cpu::empty_output(shape, qkv.options());
   const Tensor parts = qkv.view({S, 3, num_heads, head_dim});
   set_slot(p, parts.select(1, 0), as_shd(q, hsd), true);
   set_slot(p, parts.select(1, 1), as_shd(k, hsd), true);
-  set_slot(p, parts.select(1, 2), as_shd(v, hsd), false);
   launch(p, qkv);
-  return {q, k, v};
+  return {q, k};
 }
 
-Tensor rope_qkv_backward(const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v,
+Tensor rope_qkv_backward(const Tensor& grad_q, const Tensor& grad_k, const std::optional<Tensor>& grad_v,
                          const Tensor& positions, const Tensor& freqs, c10::string_view out_layout) {
   const char* op = "rope_qkv_backward";
   const bool hsd = parse_layout(op, out_layout);
   const Tensor gq = check_qk(op, as_shd(grad_q, hsd), "grad_q", nullptr);
   const Tensor gk = check_qk(op, as_shd(grad_k, hsd), "grad_k", &gq);
-  const Tensor gv = check_qk(op, as_shd(grad_v, hsd), "grad_v", &gq);
-  VLFUSE_CHECK_VALUE(gk.size(1) == gq.size(1) && gv.size(1) == gq.size(1), op,
+  const bool has_gv = grad_v.has_value() && grad_v->defined();
+  const Tensor gv = has_gv ? check_qk(op, as_shd(*grad_v, hsd), "grad_v", &gq) : Tensor();
+  VLFUSE_CHECK_VALUE(gk.size(1) == gq.size(1) && (!has_gv || gv.size(1) == gq.size(1)), op,
                      "grad_q, grad_k and grad_v must have the same number of heads");
   const int64_t S = gq.size(0), H = gq.size(1), D = gq.size(2);
   Params p;
@@ -153,8 +154,13 @@ Tensor rope_qkv_backward(const Tensor& grad_q, const Tensor& grad_k, const Tenso
   const Tensor parts = grad_qkv.view({S, 3, H, D});
   set_slot(p, gq, parts.select(1, 0), true);
   set_slot(p, gk, parts.select(1, 1), true);
-  set_slot(p, gv, parts.select(1, 2), false);
+  if (has_gv) {
+    set_slot(p, gv, parts.select(1, 2), false);
+  }
   launch(p, gq);
+  if (!has_gv) {
+    parts.select(1, 2).zero_();
+  }
   return grad_qkv;
 }
 

@@ -29,6 +29,12 @@ Every op is recorded for autograd one way, through ``register_autograd`` (its ba
 An op that writes into its arguments (``rope_``) cannot have its autograd registered with torch.library, which
 takes only functional ops; its Function (public API only) records it in both modes. Being one piece (ctx first),
 it raises under torch.func's reverse transforms in both.
+
+A public function that returns a view of its input besides an op's outputs (``rope_qkv``'s v, as HF's own split
+hands it out) records itself with a Function of its own, in both modes, when ``must_record`` says so: no op may
+return a view of its input, and recording the op and the view apart would leave the gradient of the input to be
+summed from two full-size pieces. That Function is in the form torch.func accepts, so it works under the
+transforms in both modes, and its jvp raises as the eager Functions' do.
 """
 
 from __future__ import annotations
@@ -168,10 +174,7 @@ def register_autograd(
     name = op.name().replace("::", "_")
 
     def jvp(ctx, *tangents):
-        raise RuntimeError(
-            f"vlfuse: {op.name()} has no forward-mode derivative (torch.func.jvp / jacfwd, "
-            "torch.autograd.forward_ad); use reverse mode (backward, torch.func.grad / vjp / jacrev)"
-        )
+        raise forward_mode_error(op.name())
 
     if mutated_args:
 
@@ -232,6 +235,17 @@ def call_op(op: torch._ops.OpOverload, *args):
     rule before its Autograd kernel, so autograd records the casts, while the Function would record the uncast
     call and cast inside it. Inside a torch.compile trace the op is called as it is, for the graph to record it.
     Plain mode: the op is called as it is."""
+    return _call(op, args, _eager_autograd)
+
+
+def call_op_eager(op: torch._ops.OpOverload, *args):
+    """``call_op`` as the eager mode calls it, whichever mode is on (where the private APIs are known to work):
+    for the forward of a public function's own Function, whose inner op must not meet torch.library's generated
+    Function under torch.func (pytorch/pytorch#179652) in the plain mode either."""
+    return _call(op, args, private_api_problem() is None)
+
+
+def _call(op: torch._ops.OpOverload, args: tuple, eager: bool):
     require_native()
     mutating = _MUTATING.get(op)
     if mutating is not None:
@@ -239,7 +253,7 @@ def call_op(op: torch._ops.OpOverload, *args):
         if torch.is_grad_enabled() and any(args[i].requires_grad for i in written):
             return function.apply(*args)
         return op(*args)
-    if not _eager_autograd or torch.compiler.is_compiling():
+    if not eager or torch.compiler.is_compiling():
         return op(*args)
     # Under torch.func, or with a forward-AD level open, the call goes through the Function even with nothing
     # to record: below autograd, forward-mode tangents would be dropped without a word, where the Function's
@@ -254,3 +268,22 @@ def call_op(op: torch._ops.OpOverload, *args):
         return (transformable if transforms else function).apply(*args)
     with _below_autograd():
         return op(*args)
+
+
+def must_record(*tensors: torch.Tensor) -> bool:
+    """Whether a public function that records itself (see the module's docstring) must go through its Function:
+    autograd has something to record, or (outside torch.compile) a torch.func transform or a forward-AD level is
+    active, which the Function answers for (the transforms) or refuses (forward mode)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    if torch.compiler.is_compiling() or private_api_problem() is not None:
+        return False
+    return _transforms_active() or _forward_ad_open()
+
+
+def forward_mode_error(op_name: str) -> RuntimeError:
+    return RuntimeError(
+        f"vlfuse: {op_name} has no forward-mode derivative (torch.func.jvp / jacfwd, "
+        "torch.autograd.forward_ad); use reverse mode (backward, torch.func.grad / vjp / jacrev)"
+    )
+

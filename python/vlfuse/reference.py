@@ -69,14 +69,14 @@ def rope(x: Tensor, positions: Tensor, freqs: Tensor, inverse: bool = False) -> 
 
 
 def rope_qkv(qkv: Tensor, positions: Tensor, freqs: Tensor, num_heads: int, out_layout: str = "shd"):
-    """qkv [S, 3*H*D] -> q, k, v [S, H, D] ("shd") or [H, S, D] ("hsd"), q and k rotated."""
-    S = qkv.shape[0]
-    q, k, v = qkv.reshape(S, 3, num_heads, -1).unbind(1)
+    """qkv [S, 3*H*D] -> q, k, v [S, H, D] ("shd") or [H, S, D] ("hsd"), q and k rotated (contiguous), v a
+    view of qkv's v block."""
+    q, k, v = qkv.unflatten(1, (3, num_heads, -1)).unbind(1)
     q = rope(q, positions, freqs)
     k = rope(k, positions, freqs)
     if out_layout == "hsd":
-        return tuple(t.transpose(0, 1).contiguous() for t in (q, k, v))
-    return q, k, v.contiguous()
+        return q.transpose(0, 1).contiguous(), k.transpose(0, 1).contiguous(), v.transpose(0, 1)
+    return q, k, v
 
 
 def rope_cos_sin(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):

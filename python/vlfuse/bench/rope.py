@@ -2,7 +2,7 @@
 
 HF (transformers 5.x, VisionAttention + Qwen2VLVisionRotaryEmbedding): cos/sin from the position ids, the
 reshape/permute/unbind split of qkv, ``apply_rotary_pos_emb_vision`` (float32 math, cast back), and the
-transposes to [1, H, S, D]. vlfuse: one ``rope_qkv`` call writing q, k, v as [H, S, D].
+transposes to [1, H, S, D]. vlfuse: one ``rope_qkv`` call writing q, k as [H, S, D]; v is a view of qkv in both.
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ def build_rope_qkv(case: Case, device: torch.device) -> Setup:
         q, k = hf.apply_rotary_pos_emb_vision(q, k, cos, sin)
         return q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
 
-    # must move: read qkv and the positions, write q, k, v; the backward reads dq, dk, dv and writes dqkv
-    moved = 2 * qkv.numel() * qkv.element_size() + positions.numel() * positions.element_size()
+    # must move: read the q and k blocks of qkv and the positions, write q and k (v is a view); the backward reads
+    # dq, dk, dv and writes dqkv
+    qkv_bytes = qkv.numel() * qkv.element_size()
+    moved = 2 * (2 * qkv_bytes // 3) + positions.numel() * positions.element_size()
     if case.mode == FWD_BWD:
-        moved *= 2
+        moved += 2 * qkv_bytes
     return Setup(
         args=(qkv,),
         vlfuse=vlfuse_rope,

@@ -56,7 +56,7 @@ class SegmentLayout:
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, segments: SegmentLayout | Tensor) -> Tensor:
     """Scaled dot-product attention restricted to segments of the packed token axis.
 
-    q, k, v:  [H, S, D]  (the "hsd" layout rope_qkv writes)
+    q, k, v:  [H, S, D]  (the "hsd" layout of rope_qkv; unit stride on D, other strides free: its v is a view)
     segments: a SegmentLayout, or cu_seqlens [segments + 1] (0, ..., S) read once on the host
     returns:  [S, H * D]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._native import call_op, register_autograd
+from .._native import call_op, call_op_eager, forward_mode_error, must_record, register_autograd
 from ._checks import check_dim, check_float_tensor, check_same_device, check_type, check_value, dtype_name, shape
 
 __all__ = ["rope_qkv", "rope", "rope_", "rope_cos_sin", "vision_rope_freqs", "vision_positions"]
@@ -25,13 +25,26 @@ def rope_qkv(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Splits the qkv projection and rotates q and k in one pass.
 
-    qkv:       [S, 3 * num_heads * D]  (q, k, v blocks in that order, each [num_heads, D]); any row stride
+    qkv:       [S, 3 * num_heads * D]  (q, k, v blocks in that order, each [num_heads, D]); any strides
     positions: [S, A] int64/int32      (A = 2 for the vision tower: h, w)
     freqs:     [A, D / 2] float32      (see vision_rope_freqs)
-    returns q, k, v: [S, H, D] for out_layout="shd", [H, S, D] for "hsd" (what SDPA takes); contiguous.
-    Differentiable w.r.t. qkv, and w.r.t. freqs when it requires grad.
+    returns q, k, v: [S, H, D] for out_layout="shd", [H, S, D] for "hsd" (what SDPA takes). q and k are new
+    contiguous tensors; v is a view of qkv's v block in that layout (strides [3 * H * D, D, 1] for "shd"), as
+    HF's own split hands it out: nothing copies it. Differentiable w.r.t. qkv (the gradients of q, k and v are
+    packed into one in one pass), and w.r.t. freqs when it requires grad.
     """
-    return call_op(torch.ops.vlfuse.rope_qkv.default, qkv, positions, freqs, num_heads, out_layout)
+    if must_record(qkv, freqs):
+        function = _RopeQKVCompiledFunction if torch.compiler.is_compiling() else _RopeQKVFunction
+        return function.apply(qkv, positions, freqs, num_heads, out_layout)
+    q, k = call_op(torch.ops.vlfuse.rope_qkv.default, qkv, positions, freqs, num_heads, out_layout)
+    # Unrecorded, as q and k are: a view of a tensor that requires grad would require grad even under no_grad.
+    return q, k, _v_block(qkv.detach(), num_heads, out_layout)
+
+
+def _v_block(qkv: Tensor, num_heads: int, out_layout: str) -> Tensor:
+    """qkv's v block as a view: [S, H, D] ("shd") or [H, S, D] ("hsd"). Called after the op has checked qkv."""
+    v = qkv.unflatten(1, (3, num_heads, -1)).select(1, 2)
+    return v.transpose(0, 1) if out_layout == "hsd" else v
 
 
 def rope(q: Tensor, k: Tensor, positions: Tensor, freqs: Tensor) -> tuple[Tensor, Tensor]:
@@ -189,19 +202,21 @@ def _(qkv, positions, freqs, num_heads, out_layout):
     S = qkv.shape[0]
     _check_angle_source(op, positions, freqs, S, head_dim, qkv, "qkv")
     shape_out = (num_heads, S, head_dim) if hsd else (S, num_heads, head_dim)
-    return tuple(qkv.new_empty(shape_out) for _ in range(3))
+    return qkv.new_empty(shape_out), qkv.new_empty(shape_out)
 
 
 @torch.library.register_fake("vlfuse::rope_qkv_backward")
 def _(grad_q, grad_k, grad_v, positions, freqs, out_layout):
     op = "rope_qkv_backward"
     hsd = _parse_layout(op, out_layout)
-    gq, gk, gv = (_as_shd(g, hsd) for g in (grad_q, grad_k, grad_v))
+    gq, gk = _as_shd(grad_q, hsd), _as_shd(grad_k, hsd)
     _check_qk(op, gq, "grad_q")
     _check_qk(op, gk, "grad_k", gq)
-    _check_qk(op, gv, "grad_v", gq)
+    if grad_v is not None:
+        gv = _as_shd(grad_v, hsd)
+        _check_qk(op, gv, "grad_v", gq)
     check_value(
-        gk.shape[1] == gq.shape[1] and gv.shape[1] == gq.shape[1],
+        gk.shape[1] == gq.shape[1] and (grad_v is None or gv.shape[1] == gq.shape[1]),
         op,
         "grad_q, grad_k and grad_v must have the same number of heads",
     )
@@ -312,11 +327,19 @@ def _rope_qkv_setup(ctx, inputs, output):
     ctx.save_for_backward(*saved)
 
 
-def _rope_qkv_backward(ctx, grad_q, grad_k, grad_v):
+def _rope_qkv_backward(ctx, grad_q, grad_k):
+    return _rope_qkv_grads(ctx, grad_q, grad_k, None, call_op)
+
+
+def _rope_qkv_grads(ctx, grad_q, grad_k, grad_v, call):
+    """The gradients of (qkv, positions, freqs, num_heads, out_layout) from those of q, k and the v view (None
+    for the op, which has no v output), the backward op called by call."""
     positions, freqs, *outs = ctx.saved_tensors
     ref = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
-    grads = [torch.zeros_like(ref) if g is None else g for g in (grad_q, grad_k, grad_v)]
-    grad_qkv = call_op(torch.ops.vlfuse.rope_qkv_backward.default, *grads, positions, freqs, ctx.out_layout)
+    grad_q, grad_k = (torch.zeros_like(ref) if g is None else g for g in (grad_q, grad_k))
+    grad_qkv = call(
+        torch.ops.vlfuse.rope_qkv_backward.default, grad_q, grad_k, grad_v, positions, freqs, ctx.out_layout
+    )
     grad_freqs = None
     if ctx.freqs_grad:
         if ctx.out_layout == "hsd":
@@ -332,22 +355,55 @@ def _rope_qkv_backward(ctx, grad_q, grad_k, grad_v):
 register_autograd(torch.ops.vlfuse.rope_qkv.default, _rope_qkv_backward, _rope_qkv_setup)
 
 
+def _rope_qkv_function_forward(qkv, positions, freqs, num_heads, out_layout):
+    q, k = call_op_eager(torch.ops.vlfuse.rope_qkv.default, qkv, positions, freqs, num_heads, out_layout)
+    return q, k, _v_block(qkv, num_heads, out_layout)
+
+
+def _rope_qkv_function_backward(ctx, grad_q, grad_k, grad_v):
+    return _rope_qkv_grads(ctx, grad_q, grad_k, grad_v, call_op_eager)
+
+
+def _rope_qkv_jvp(ctx, *tangents):
+    raise forward_mode_error("vlfuse::rope_qkv")
+
+
+# vlfuse.ops.rope_qkv's Function: the op and the v view recorded as one node, whose backward writes the gradient
+# of qkv in one pass (see vlfuse._native on public functions that record themselves). Dynamo does not trace a
+# Function that defines jvp, so torch.compile gets the same Function without the jvp that refuses forward mode.
+_RopeQKVCompiledFunction = type(
+    "vlfuse_rope_qkv_Function",
+    (torch.autograd.Function,),
+    {
+        "forward": staticmethod(_rope_qkv_function_forward),
+        "setup_context": staticmethod(_rope_qkv_setup),
+        "backward": staticmethod(_rope_qkv_function_backward),
+        "generate_vmap_rule": True,
+    },
+)
+_RopeQKVFunction = type(
+    "vlfuse_rope_qkv_Function", (_RopeQKVCompiledFunction,), {"jvp": staticmethod(_rope_qkv_jvp)}
+)
+
+
 def _rope_qkv_backward_setup(ctx, inputs, output):
     grad_q, grad_k, grad_v, positions, freqs, out_layout = inputs
     ctx.out_layout = out_layout
     ctx.num_heads = grad_q.shape[0] if out_layout == "hsd" else grad_q.shape[1]
     ctx.freqs_grad = freqs.requires_grad
+    ctx.has_grad_v = grad_v is not None
     ctx.save_for_backward(positions, freqs)
 
 
 def _rope_qkv_double_backward(ctx, grad_grad_qkv):
-    # rope_qkv_backward is the transpose of the linear map rope_qkv, so its own gradient is rope_qkv again.
+    # rope_qkv_backward is the transpose of the linear map qkv -> (q, k, v), so its own gradient is that map.
     if ctx.freqs_grad:
         raise NotImplementedError("vlfuse.rope_qkv: second derivatives with respect to freqs are not supported")
     positions, freqs = ctx.saved_tensors
-    gq, gk, gv = call_op(
+    gq, gk = call_op(
         torch.ops.vlfuse.rope_qkv.default, grad_grad_qkv, positions, freqs, ctx.num_heads, ctx.out_layout
     )
+    gv = _v_block(grad_grad_qkv, ctx.num_heads, ctx.out_layout) if ctx.has_grad_v else None
     return gq, gk, gv, None, None, None
 
 
