@@ -168,3 +168,31 @@ def test_bad_arguments(change, match):
     args = change(q, k, v, [0, 1, 4])
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         torch.ops.vlfuse.segment_attention(*args, 0.5)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_rotary_attention_saves_no_view_of_qkv(training):
+    # rope_qkv's v is a view of qkv; under autograd RotaryAttention2D hands attention a copy, so what attention
+    # saves for its backward holds a third of qkv, not all of it. Without autograd it keeps the view (no copy).
+    from vlfuse.nn import RotaryAttention2D
+
+    torch.manual_seed(0)
+    dim, heads = 32, 2
+    grid = torch.tensor([[1, 4, 4], [1, 2, 6]])
+    x = torch.randn(28, dim, requires_grad=training)
+    attn = RotaryAttention2D(dim, heads).requires_grad_(training)
+    positions, freqs = ops.vision_positions(grid), ops.vision_rope_freqs(dim // heads)
+    segments = SegmentLayout.from_lengths([16, 12])
+    qkv_bytes = 28 * 3 * dim * 4
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = attn(x, positions, freqs, segments)
+    assert out.requires_grad == training and bool(saved) == training
+    assert qkv_bytes not in saved
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, positions, freqs, segments), out.detach(), rtol=0, atol=0)

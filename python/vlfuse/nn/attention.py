@@ -106,6 +106,10 @@ class RotaryAttention2D(nn.Module):
         """The attention output before ``proj`` ([S, dim]), for callers that fold proj into something else."""
         qkv = self.ops.linear_act(x, self.qkv.weight, self.qkv.bias)
         q, k, v = self.ops.rope_qkv(qkv, positions, freqs, self.num_heads, out_layout="hsd")
+        if v.requires_grad:
+            # Attention saves v for its backward: the view would keep all of qkv alive until then, a copy only
+            # its third, as before the view (inference keeps the view and skips the copy).
+            v = v.contiguous()
         return _segment_attention(q, k, v, segments, self.ops.segment_attention)
 
     def extra_repr(self) -> str:
