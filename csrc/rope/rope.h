@@ -64,7 +64,7 @@ struct TensorSlot {
   int64_t heads = 0;
   int64_t in_stride_s = 0, in_stride_h = 0;
   int64_t out_stride_s = 0, out_stride_h = 0;
-  bool rotate = true;  // false: copied unchanged (the v block of rope_qkv)
+  bool rotate = true;  // false: copied unchanged (grad_v into the v block of rope_qkv_backward's output)
 };
 
 enum class AngleSource { Freqs, Table };

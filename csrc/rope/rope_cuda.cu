@@ -1,6 +1,7 @@
 // CUDA rotary kernel: one pass, one launch. A block row (threadIdx.y) owns one token: its lanes first compute
 // the token's rotation coefficients once into shared memory, then sweep every head of every slot (q, k, and
-// the copied v of rope_qkv) in 16-byte vectors, so a warp reads and writes contiguous runs of each head row.
+// the copied grad_v of rope_qkv_backward) in 16-byte vectors, so a warp reads and writes contiguous runs of each
+// head row.
 // A half-width that 16-byte vectors do not divide but 8-byte ones do (Qwen3-VL's head_dim 72: 36 pairs, 4.5
 // bf16 vectors of 8) takes 8-byte vectors: a warp's accesses still cover whole contiguous sectors.
 #include <ATen/Dispatch.h>
