@@ -381,6 +381,24 @@ def test_rope_qkv_outputs_of_huge_page_size_match_reference(dtype, layout, grid,
     torch.testing.assert_close(qkv.grad, expected.grad, **tol(dtype))
 
 
+@pytest.mark.parametrize("tokens", [45, 8184])
+def test_rope_from_head_major_planes(tokens):
+    # q [S, Hq, D] and k [S, Hk, D] as transposed [H, S, D] planes (what rope_qkv_backward reads): the CPU kernel
+    # walks them head-major by tiles of 16 tokens, through a staged, streamed tile at 8184 tokens (over 40 MiB
+    # moved), with tensors of different head counts and a partial last tile.
+    torch.manual_seed(0)
+    D = 80
+    q = torch.randn(16, tokens, D).transpose(0, 1)
+    k = torch.randn(2, tokens, D).transpose(0, 1)
+    pos = torch.randint(0, 64, (tokens, 2))
+    freqs = ops.vision_rope_freqs(D)
+    for inverse in (False, True):
+        got = torch.ops.vlfuse.rope(q, k, pos, freqs, inverse)
+        for a, x in zip(got, (q, k)):
+            assert a.is_contiguous()
+            torch.testing.assert_close(a, ref.rope(x, pos, freqs, inverse), **tol(torch.float32))
+
+
 def _opcheck_samples(device):
     qkv, pos, freqs, _ = make_qkv(GRIDS["image_and_video"], torch.float32, device)
     q = torch.randn(qkv.shape[0], 3, HEAD_DIM, device=device)

@@ -134,6 +134,27 @@ inline void stream_fence() {
 #endif
 }
 
+// p rounded up to the next multiple of `alignment` bytes (a power of two).
+template <typename T>
+inline T* align_up(T* p, uintptr_t alignment) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + alignment - 1) & ~(alignment - 1));
+}
+
+// Copies n elements from src (in cache) to dst with streaming stores, in order, one register at a time; a tail
+// shorter than a register is stored plainly. Where dst is line-aligned, every line is one aligned store.
+template <typename scalar_t>
+inline void stream_copy(const scalar_t* src, scalar_t* dst, int64_t n) {
+  using Vec = Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  int64_t i = 0;
+  for (; i + W <= n; i += W) {
+    store_bytes(dst + i, Vec::loadu(src + i), /*stream=*/true);
+  }
+  if (i < n) {
+    std::memcpy(dst + i, src + i, (n - i) * sizeof(scalar_t));
+  }
+}
+
 // Rounds float vectors to bfloat16 / float16 (nearest even). Built for AVX512_BF16, bfloat16 takes the native
 // instructions (one vcvtne2ps2bf16 for 32 values, where ATen's emulation costs ~7 per 16); they flush float
 // subnormals (below 1.2e-38) to zero, as oneDNN's bf16 kernels do.

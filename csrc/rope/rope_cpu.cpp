@@ -284,7 +284,7 @@ void rope_impl(const Params& p) {
   int64_t row_elems = 0;
   // Streaming stores pay off only where they fill whole cache lines before the write-combining buffers give them
   // up: what the walk writes in one go must be a whole number of lines. An [S, H, D] output is walked token by
-  // token, each writing its run of all heads. [H, S, D] outputs are walked head-major within a tile: each
+  // token, each writing its run of all heads (from [H, S, D] inputs: by tiles, below). [H, S, D] outputs are walked head-major within a tile: each
   // (tensor, head) writes the tile's kTileTokens rows, one contiguous stretch of its plane (16 rows of D = 72
   // are 72 whole lines in float32, where one row is 4.5), before the next: walked token by token, each token
   // would write a few lines into each of the 3 * H planes in turn, 3 * H interleaved short streams for the
@@ -305,10 +305,23 @@ void rope_impl(const Params& p) {
   }
   const bool hsd =
       std::all_of(p.slots, p.slots + p.num_slots, [D](const rope::TensorSlot& slot) { return slot.out_stride_s == D; });
-  const int64_t step = hsd ? kTileTokens : 1;
+  // [H, S, D] inputs (the gradients rope_qkv_backward packs into [S, 3 * H * D]) are read the same way, head-major
+  // within a tile, each (tensor, head) one stretch of its plane, instead of 3 * H interleaved short streams.
+  // Where the output is streamed, their rows go to a tile-sized stage (in L2) from which each token's run of all
+  // heads is then streamed out whole: written straight, a run would get one head's row at a time, in turn with
+  // the tile's other tokens, partial lines that the write-combining buffers give up before they fill.
+  const bool hsd_in = !hsd && std::all_of(p.slots, p.slots + p.num_slots, [D](const rope::TensorSlot& slot) {
+    return slot.in_stride_s == D && slot.out_stride_h == D;
+  });
+  const int64_t step = hsd || hsd_in ? kTileTokens : 1;
   // Out of place, every element is read once and written once.
   const bool stream = !in_place && (lines_once || (hsd && lines_tiled)) &&
                       cpu::prefer_streaming_stores(2 * p.tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)));
+  const bool staged = hsd_in && stream;
+  int64_t slot_offset[rope::kMaxTensors] = {};  // of each tensor's run in a staged row
+  for (int t = 1; t < p.num_slots; ++t) {
+    slot_offset[t] = slot_offset[t - 1] + p.slots[t - 1].heads * D;
+  }
   const int64_t tiles = (p.tokens + kTileTokens - 1) / kTileTokens;
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(row_elems * kTileTokens, 1));
 
@@ -322,6 +335,8 @@ void rope_impl(const Params& p) {
       const int tables = table_source ? 4 : 2;
       std::vector<acc_t> table(tables * kTileTokens * half);
       std::vector<acc_t> scratch;
+      std::vector<scalar_t> stage_storage(staged ? kTileTokens * row_elems + 64 : 0);
+      scalar_t* const stage = staged ? cpu::align_up(stage_storage.data(), 64) : nullptr;
       const int64_t stride = kTileTokens * half;
       const int64_t end = std::min(p.tokens, tile_end * kTileTokens);
       for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -347,7 +362,9 @@ void rope_impl(const Params& p) {
                 const int64_t token = s + j;
                 const scalar_t* x = static_cast<const scalar_t*>(slot.in) + token * slot.in_stride_s +
                                     h * slot.in_stride_h;
-                scalar_t* y = static_cast<scalar_t*>(slot.out) + token * slot.out_stride_s + h * slot.out_stride_h;
+                scalar_t* y = staged ? stage + j * row_elems + slot_offset[t] + h * D
+                                     : static_cast<scalar_t*>(slot.out) + token * slot.out_stride_s +
+                                           h * slot.out_stride_h;
                 if (token + kPrefetchTokens < end) {
                   prefetch_row<scalar_t, 0>(x + kPrefetchTokens * slot.in_stride_s, row_len);
                   // Streaming stores write around the cache: fetching their lines first would undo that.
@@ -357,11 +374,20 @@ void rope_impl(const Params& p) {
                 }
                 if (!slot.rotate) {
                   if (x != y) {
-                    copy_row<2 * kHalf>(x, y, D, stream);
+                    copy_row<2 * kHalf>(x, y, D, stream && !staged);
                   }
                   continue;
                 }
-                rotate_row<kShared, kHalf>(x, y, half, coeffs[j], stream);
+                rotate_row<kShared, kHalf>(x, y, half, coeffs[j], stream && !staged);
+              }
+            }
+          }
+          if (staged) {
+            for (int64_t j = 0; j < together; ++j) {
+              for (int t = 0; t < p.num_slots; ++t) {
+                const rope::TensorSlot& slot = p.slots[t];
+                cpu::stream_copy(stage + j * row_elems + slot_offset[t],
+                                 static_cast<scalar_t*>(slot.out) + (s + j) * slot.out_stride_s, slot.heads * D);
               }
             }
           }
