@@ -286,4 +286,3 @@ def forward_mode_error(op_name: str) -> RuntimeError:
         f"vlfuse: {op_name} has no forward-mode derivative (torch.func.jvp / jacfwd, "
         "torch.autograd.forward_ad); use reverse mode (backward, torch.func.grad / vjp / jacrev)"
     )
-
