@@ -108,7 +108,7 @@ bool parse_layout(const char* op, c10::string_view layout) {
 }
 
 std::tuple<Tensor, Tensor> rope_qkv(const Tensor& qkv_in, const Tensor& positions, const Tensor& freqs,
-                                            int64_t num_heads, c10::string_view out_layout) {
+                                    int64_t num_heads, c10::string_view out_layout) {
   const char* op = "rope_qkv";
   const bool hsd = parse_layout(op, out_layout);
   check_float_tensor(qkv_in, op, "qkv");

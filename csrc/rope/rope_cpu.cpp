@@ -284,11 +284,11 @@ void rope_impl(const Params& p) {
   int64_t row_elems = 0;
   // Streaming stores pay off only where they fill whole cache lines before the write-combining buffers give them
   // up: what the walk writes in one go must be a whole number of lines. An [S, H, D] output is walked token by
-  // token, each writing its run of all heads (from [H, S, D] inputs: by tiles, below). [H, S, D] outputs are walked head-major within a tile: each
-  // (tensor, head) writes the tile's kTileTokens rows, one contiguous stretch of its plane (16 rows of D = 72
-  // are 72 whole lines in float32, where one row is 4.5), before the next: walked token by token, each token
-  // would write a few lines into each of the 3 * H planes in turn, 3 * H interleaved short streams for the
-  // memory to take. Streaming half lines is slower than plain stores.
+  // token, each writing its run of all heads (from [H, S, D] inputs: by tiles, below). [H, S, D] outputs are
+  // walked head-major within a tile: each (tensor, head) writes the tile's kTileTokens rows, one contiguous
+  // stretch of its plane (16 rows of D = 72 are 72 whole lines in float32, where one row is 4.5), before the
+  // next: walked token by token, each token would write a few lines into each of the 3 * H planes in turn,
+  // 3 * H interleaved short streams for the memory to take. Streaming half lines is slower than plain stores.
   bool lines_once = true, lines_tiled = true;
   bool in_place = false;
   for (int t = 0; t < p.num_slots; ++t) {
